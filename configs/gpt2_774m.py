@@ -1,0 +1,15 @@
+"""GPT-2 774M (36 layers, 1280 wide, 20 heads, context 1024, vocab 50257).
+
+  python scripts/model_summary.py --config=configs/gpt2_774m.py
+    -> total_params=774030080 (the public checkpoint's count), in seconds on a CPU.
+Training: as configs/gpt2_124m.py says; use bfloat16 and FSDP on accelerators.
+"""
+from lm.config import base_config, gpt2_model
+
+
+def get_config():
+  c = base_config()
+  c.model.update(gpt2_model(n_layers=36, d_model=1280, n_heads=20))
+  c.train.update(batch_size=32, steps=10000, log_every=10)
+  c.optimizer.update(lr=2.5e-4, min_lr=2.5e-05, warmup_steps=700, b2=0.95)
+  return c

@@ -1,0 +1,153 @@
+"""The one config schema every experiment starts from.
+
+Each `configs/NAME.py` calls `base_config()` and overrides fields. The returned
+ConfigDict is locked, so a misspelt `--config.train.stpes=...` is rejected with
+the valid keys near it instead of silently adding a field.
+"""
+from __future__ import annotations
+
+import difflib
+
+import ml_collections as mlc
+
+
+def base_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+
+  # Model: read by lm.models.get_model. Field meanings in lm/models/decoder.py.
+  c.model = mlc.ConfigDict(dict(
+      family="decoder",
+      vocab_size=0,  # 0: taken from the tokenizer at the start of training
+      max_len=128,  # context length (block size)
+      d_model=128,
+      n_layers=2,
+      n_heads=4,
+      n_kv_heads=0,  # 0: same as n_heads (MHA); 1: MQA; else GQA
+      head_dim=0,  # 0: d_model // n_heads
+      d_ff=0,  # 0: 4 * d_model
+      pos_embedding="learned",  # learned | rope
+      rope_theta=10000.0,
+      rope_scaling=mlc.ConfigDict(dict(
+          type="none",  # none | linear | llama3
+          factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+          original_max_len=8192)),
+      norm="layernorm",  # layernorm | rmsnorm
+      norm_eps=1e-5,
+      mlp="gelu",  # gelu | swiglu
+      use_bias=True,
+      tie_embeddings=True,
+      sliding_window=0,  # 0: none (Mistral uses 4096)
+      embed_dropout=0.0,
+      attn_dropout=0.0,
+      resid_dropout=0.0,
+      init_std=0.02,
+      dtype="float32",  # compute dtype: float32 | bfloat16
+      remat="none",  # none | full | save_dots
+      scan_layers=False,
+      attention="xla",  # xla | cudnn | auto (cudnn flash attention on GPU)
+  ))
+
+  # Data: read by lm.data.
+  c.data = mlc.ConfigDict(dict(
+      dataset="default",  # default (embedded corpus) | text_files | a TFDS catalog name
+      path="",  # file, directory or glob for text_files (local or gs://)
+      json_field="text",  # field of JSON-lines records
+      val_fraction=0.1,
+      test_fraction=0.0,
+      tokenizer="bytes",  # bytes | char | sentencepiece
+      tokenizer_path="",  # a SentencePiece .model file to load
+      vocab_size=0,  # SentencePiece training size when no tokenizer_path
+      data_dir="",  # where TFDS builds go; "" -> ~/.cache/lm/tfds
+      shuffle=True,
+      num_workers=0,  # Grain worker processes (0: in the main process)
+  ))
+
+  c.train = mlc.ConfigDict(dict(
+      steps=1000,
+      batch_size=8,  # global batch, in sequences
+      microbatches=1,  # gradient accumulation: batch_size % microbatches == 0
+      seed=0,
+      log_every=50,
+      eval_every=250,
+      eval_steps=20,
+      objective="causal_lm",
+      z_loss=0.0,
+      sample_prompt="",  # printed sample at the end ("" -> no sample)
+      sample_tokens=200,
+  ))
+
+  c.optimizer = mlc.ConfigDict(dict(
+      name="adamw",  # adamw | adafactor | lion | sgd
+      lr=1e-3,
+      min_lr=1e-4,
+      warmup_steps=100,
+      schedule="cosine",  # cosine | linear | inverse_sqrt | constant
+      decay_steps=0,  # 0: train.steps
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      momentum=0.9,  # sgd
+      weight_decay=0.1,
+      weight_decay_mask="2d",  # 2d (matrices only, as GPT-2) | all | none
+      grad_clip=1.0,  # 0: off
+      trainable="all",  # regex over parameter paths; "all" trains everything
+  ))
+
+  c.checkpoint = mlc.ConfigDict(dict(
+      every_steps=500,
+      keep=2,
+      keep_best=True,
+      async_save=True,
+  ))
+
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.lock()
+  return c
+
+
+def check_keys(config: mlc.ConfigDict, reference: mlc.ConfigDict | None = None,
+               prefix: str = "") -> None:
+  """Raises a clear error for keys the schema does not know."""
+  reference = base_config() if reference is None else reference
+  for key, value in config.items():
+    if key not in reference:
+      near = difflib.get_close_matches(key, list(reference.keys()), n=3)
+      raise KeyError(
+          f"Unknown config key '{prefix}{key}'. Did you mean: "
+          f"{', '.join(prefix + n for n in near) or '(none close)'}? "
+          f"Valid keys here: {', '.join(sorted(reference.keys()))}.")
+    if isinstance(value, mlc.ConfigDict) and isinstance(reference[key], mlc.ConfigDict):
+      check_keys(value, reference[key], prefix + key + ".")
+
+
+def gpt2_model(**overrides) -> dict:
+  """GPT-2 style: learned positions, LayerNorm, GELU, biases, tied embeddings."""
+  return dict(dict(family="decoder", vocab_size=50257, max_len=1024, pos_embedding="learned",
+                   norm="layernorm", norm_eps=1e-5, mlp="gelu", use_bias=True,
+                   tie_embeddings=True), **overrides)
+
+
+def llama_model(**overrides) -> dict:
+  """LLaMA style: RoPE, RMSNorm, SwiGLU, no biases, untied head (GQA via n_kv_heads)."""
+  return dict(dict(family="decoder", vocab_size=32000, max_len=4096, pos_embedding="rope",
+                   rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+                   use_bias=False, tie_embeddings=False), **overrides)
+
+
+def resolve(config: mlc.ConfigDict, tokenizer=None) -> mlc.ConfigDict:
+  """Checks keys and fills derived fields (model.vocab_size 0 -> the tokenizer's)."""
+  check_keys(config)
+  config = config.copy_and_resolve_references()
+  if config.model.vocab_size == 0:
+    if tokenizer is None:
+      from lm.data import build_tokenizer  # lazy: building may read the corpus
+      tokenizer = build_tokenizer(config)
+    with config.unlocked():
+      config.model.vocab_size = tokenizer.vocab_size
+  elif tokenizer is not None and tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(
+        f'The tokenizer has {tokenizer.vocab_size} symbols but model.vocab_size is '
+        f'{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} '
+        '(or 0 to take it from the tokenizer).')
+  return config

@@ -1,0 +1,180 @@
+"""Decoder-only Transformers: GPT-2 and LLaMA styles in one module, switched by config.
+
+GPT-2: pos_embedding=learned, norm=layernorm, mlp=gelu, use_bias, tie_embeddings.
+LLaMA: pos_embedding=rope, norm=rmsnorm, mlp=swiglu, no biases, untied head, GQA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models.layers import Attention, Linear, Mlp, Norm, constrain, normal_init
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block in the backward pass
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Fields mirror config.model (lm/config.py), where each is documented."""
+  vocab_size: int
+  max_len: int = 1024
+  d_model: int = 768
+  n_layers: int = 12
+  n_heads: int = 12
+  n_kv_heads: int = 0
+  head_dim: int = 0
+  d_ff: int = 0
+  pos_embedding: str = 'learned'
+  rope_theta: float = 10000.0
+  rope_scaling: tuple = ()  # sorted (key, value) pairs, hashable for Linen
+  norm: str = 'layernorm'
+  norm_eps: float = 1e-5
+  mlp: str = 'gelu'
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  sliding_window: int = 0
+  embed_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  init_std: float = 0.02
+  dtype: str = 'float32'
+  remat: str = 'none'
+  scan_layers: bool = False
+  attention: str = 'xla'
+  family: str = 'decoder'
+
+  def __post_init__(self):
+    if self.vocab_size <= 0:
+      raise ValueError('model.vocab_size must be positive (0 is resolved from the tokenizer '
+                       'by the trainer; set it when building a model by hand).')
+    if self.d_model % self.n_heads and not self.head_dim:
+      raise ValueError(f'model.d_model={self.d_model} is not divisible by model.n_heads='
+                       f'{self.n_heads}; change one of them or set model.head_dim.')
+    if self.n_heads % self.kv_heads:
+      raise ValueError(f'model.n_kv_heads={self.kv_heads} must divide model.n_heads='
+                       f'{self.n_heads} (1 for MQA, n_heads for MHA).')
+    if self.pos_embedding not in ('learned', 'rope'):
+      raise ValueError(f"model.pos_embedding must be 'learned' or 'rope', got "
+                       f'{self.pos_embedding!r}')
+    if self.remat not in ('none', *REMAT_POLICIES):
+      raise ValueError(f"model.remat must be none, full or save_dots, got {self.remat!r}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_dim_(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def d_ff_(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    d = dict(self.rope_scaling)
+    return None if d.get('type', 'none') == 'none' else d
+
+  @classmethod
+  def from_config(cls, model_config) -> 'DecoderConfig':
+    fields = dict(model_config)
+    scaling = fields.pop('rope_scaling', {}) or {}
+    return cls(**fields, rope_scaling=tuple(sorted(dict(scaling).items())))
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+  cfg: DecoderConfig
+  deterministic: bool = True
+  decode: bool = False
+  scanned: bool = False  # nn.scan wants (carry, output)
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    cfg = self.cfg
+    resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
+    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
+    drop = nn.Dropout(cfg.resid_dropout, deterministic=self.deterministic)
+    h = Attention(cfg, resid_std, self.deterministic, self.decode, name='attn')(
+        norm('attn_norm')(x_BTD), positions_BT, segment_ids_BT)
+    x_BTD = x_BTD + drop(h)
+    x_BTD = x_BTD + drop(Mlp(cfg, resid_std, name='mlp')(norm('mlp_norm')(x_BTD)))
+    x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
+    return (x_BTD, None) if self.scanned else x_BTD
+
+
+class Decoder(nn.Module):
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
+               segment_ids_BT: Array | None = None, deterministic: bool = True,
+               decode: bool = False, return_hidden: bool = False) -> Array:
+    """Returns float32 logits [B, T, V] (or the final hidden states [B, T, D]).
+
+    segment_ids_BT: packed documents (0 = padding); attention never crosses them.
+    positions_BT: positions restarting at each document; defaults to 0..T-1, or in
+      decode mode to the running count of tokens already in the cache.
+    decode: read and extend the KV cache ('cache' collection, made by init_cache).
+    """
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    if positions_BT is None:
+      start = 0
+      if decode:
+        counter = self.variable('cache', 'position', lambda: jnp.array(0, jnp.int32))
+        start = counter.value
+        if self.has_variable('cache', 'position') and not self.is_initializing():
+          counter.value = start + t
+      positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    embed = self.param('embed', normal_init(cfg.init_std, ('vocab', 'embed')),
+                       (cfg.vocab_size, cfg.d_model), jnp.float32)
+    x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    if cfg.pos_embedding == 'learned':
+      pos_embed = self.param('pos_embed', normal_init(cfg.init_std, ('length', 'embed')),
+                             (cfg.max_len, cfg.d_model), jnp.float32)
+      x_BTD = x_BTD + jnp.take(pos_embed, positions_BT, axis=0).astype(cfg.compute_dtype)
+    x_BTD = nn.Dropout(cfg.embed_dropout, deterministic=deterministic)(x_BTD)
+    x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
+
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
+                       split_rngs={'params': True, 'dropout': True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BTD, _ = layers(cfg, deterministic, decode, scanned=True, name='layers')(
+          x_BTD, positions_BT, segment_ids_BT)
+    else:
+      for i in range(cfg.n_layers):
+        x_BTD = block(cfg, deterministic, decode, name=f'layers_{i}')(
+            x_BTD, positions_BT, segment_ids_BT)
+
+    x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name='final_norm')(x_BTD)
+    if return_hidden:
+      return x_BTD
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed.astype(cfg.compute_dtype),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BTV = Linear((cfg.vocab_size,), ('embed', 'vocab'), 1, False, cfg.init_std,
+                          cfg.compute_dtype, name='lm_head')(x_BTD).astype(jnp.float32)
+    return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))

@@ -1,0 +1,242 @@
+"""Shared layers: projections, norms, RoPE, attention (MHA/GQA/MQA, masks, KV cache), MLPs.
+
+Every parameter carries logical axis names (resolved onto the mesh by the rules in
+lm/train/partitioning.py); big activations get logical constraints. Dimension letters:
+B batch, T query time, S key time, D model, N query heads, K kv heads, H head dim,
+F mlp, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+constrain = nn.with_logical_constraint
+
+
+def normal_init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias), contracting the last `in_dims` axes of x.
+
+  The one place every projection goes through, so adapters (LoRA deltas) and
+  quantized kernels can be switched on here later.
+  """
+  features: tuple[int, ...]
+  axes: tuple[str, ...]  # logical names of the kernel's axes (inputs then outputs)
+  in_dims: int = 1
+  use_bias: bool = False
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    kernel = self.param('kernel', normal_init(self.init_std, self.axes),
+                        in_shape + tuple(self.features), jnp.float32)
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param(
+          'bias', nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
+          tuple(self.features), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """LayerNorm (GPT-2) or RMSNorm (LLaMA); statistics in float32."""
+  kind: str = 'layernorm'
+  eps: float = 1e-5
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (d,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if self.kind == 'layernorm':
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    elif self.kind != 'rmsnorm':
+      raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
+    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps) * scale
+    if self.kind == 'layernorm' and self.use_bias:
+      y = y + self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                         (d,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> Array:
+  """Inverse frequencies [H/2], with the linear and Llama-3 scalings of HF transformers."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  kind = 'none' if scaling is None else scaling['type']
+  if kind == 'linear':
+    inv_freq = inv_freq / scaling['factor']
+  elif kind == 'llama3':
+    factor, lo, hi = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old_len = scaling['original_max_len']
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = jnp.where(wavelen > old_len / lo, inv_freq / factor,
+                         jnp.where(wavelen < old_len / hi, inv_freq, smoothed))
+  elif kind != 'none':
+    raise ValueError(f"model.rope_scaling.type must be none, linear or llama3, got {kind!r}")
+  return inv_freq
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: Array) -> Array:
+  """Rotates halves (x1, x2) of each head by position * freq (HF 'rotate_half' layout)."""
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def attention_mask(q_pos_BT: Array, k_pos_BS: Array, q_seg_BT: Array, k_seg_BS: Array,
+                   sliding_window: int = 0) -> Array:
+  """Causal + same-segment (+ sliding window) mask [B, 1, T, S], True = attend.
+
+  Positions here are indices in the packed row (or the cache), not RoPE positions.
+  Padding has segment 0 and only attends to padding, so no row is fully masked.
+  """
+  mask = (q_pos_BT[:, :, None] >= k_pos_BS[:, None, :])
+  mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+  if sliding_window:
+    mask &= q_pos_BT[:, :, None] - k_pos_BS[:, None, :] < sliding_window
+  return mask[:, None]
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
+                          implementation: str, dropout_rate: float = 0.0,
+                          dropout_rng=None) -> Array:
+  """Attention through jax.nn.dot_product_attention (XLA or cuDNN flash attention).
+
+  GQA/MQA are native there (K divides N). Attention dropout needs the probabilities,
+  so that one case takes an explicit softmax path.
+  """
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    n, k = q_BTNH.shape[2], k_BSKH.shape[2]
+    k_BSNH = jnp.repeat(k_BSKH, n // k, axis=2)
+    v_BSNH = jnp.repeat(v_BSKH, n // k, axis=2)
+    scores = jnp.einsum('btnh,bsnh->bnts', q_BTNH, k_BSNH).astype(jnp.float32)
+    scores = scores / math.sqrt(q_BTNH.shape[-1])
+    if mask_B1TS is None:
+      t, s = scores.shape[-2:]
+      mask_B1TS = jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
+    scores = jnp.where(mask_B1TS, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v_BSNH.dtype)
+    return jnp.einsum('bnts,bsnh->btnh', probs, v_BSNH)
+  impl = implementation
+  if impl == 'auto':  # cuDNN flash attention wants a GPU and 16-bit inputs
+    impl = 'cudnn' if jax.default_backend() == 'gpu' and q_BTNH.dtype == jnp.bfloat16 else 'xla'
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
+                                      is_causal=is_causal, implementation=impl)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped KV heads, RoPE, packed-segment masks and a KV cache."""
+  cfg: 'lm.models.decoder.DecoderConfig'  # noqa: F821
+  resid_std: float
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    proj = lambda n, axes, name: Linear((n, cfg.head_dim_), ('embed',) + axes, 1, cfg.use_bias,
+                                        cfg.init_std, dtype, name=name)
+    q_BTNH = proj(cfg.n_heads, ('heads', 'head_dim'), 'query')(x_BTD)
+    k_BTKH = proj(cfg.kv_heads, ('kv_heads', 'head_dim'), 'key')(x_BTD)
+    v_BTKH = proj(cfg.kv_heads, ('kv_heads', 'head_dim'), 'value')(x_BTD)
+    q_BTNH = constrain(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
+    if cfg.pos_embedding == 'rope':
+      inv_freq = rope_inv_freq(cfg.head_dim_, cfg.rope_theta, cfg.rope_scaling_dict)
+      q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+      k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+
+    b, t = x_BTD.shape[:2]
+    seg_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
+    if self.decode:
+      k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)
+      is_causal = False
+    else:
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+      if segment_ids_BT is None and not cfg.sliding_window:
+        mask_B1TS, is_causal = None, True
+      else:
+        idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask_B1TS = attention_mask(idx_BT, idx_BT, seg_BT, seg_BT, cfg.sliding_window)
+        is_causal = False
+
+    use_dropout = cfg.attn_dropout > 0.0 and not self.deterministic
+    out_BTNH = dot_product_attention(
+        q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask_B1TS, is_causal=is_causal,
+        implementation=cfg.attention, dropout_rate=cfg.attn_dropout if use_dropout else 0.0,
+        dropout_rng=self.make_rng('dropout') if use_dropout else None)
+    out_BTNH = constrain(out_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
+    return Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), 2, cfg.use_bias,
+                  self.resid_std, dtype, name='out')(out_BTNH)
+
+  def _update_cache(self, k_BTKH, v_BTKH, seg_BT):
+    """Writes T new keys/values at cache_index; returns the whole cache and its mask.
+
+    The cache's length S is the length of the input it was initialised with
+    (see lm.models.init_cache). Left-padded prompts work: padding has segment 0.
+    """
+    b, t, k, h = k_BTKH.shape
+    initialized = self.has_variable('cache', 'cached_key')
+    key = self.variable('cache', 'cached_key', jnp.zeros, (b, t, k, h), k_BTKH.dtype)
+    value = self.variable('cache', 'cached_value', jnp.zeros, (b, t, k, h), v_BTKH.dtype)
+    seg = self.variable('cache', 'segment_ids', jnp.zeros, (b, t), jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.array(0, jnp.int32))
+    if not initialized:  # init call: shapes only
+      idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+      return k_BTKH, v_BTKH, attention_mask(idx_BT, idx_BT, seg_BT, seg_BT,
+                                            self.cfg.sliding_window)
+    i = index.value
+    key.value = lax.dynamic_update_slice(key.value, k_BTKH.astype(key.value.dtype), (0, i, 0, 0))
+    value.value = lax.dynamic_update_slice(value.value, v_BTKH.astype(value.value.dtype),
+                                           (0, i, 0, 0))
+    seg.value = lax.dynamic_update_slice(seg.value, seg_BT, (0, i))
+    index.value = i + t
+    s = key.value.shape[1]
+    q_idx_BT = jnp.broadcast_to(i + jnp.arange(t), (b, t))
+    k_idx_BS = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = attention_mask(q_idx_BT, k_idx_BS, seg_BT, seg.value, self.cfg.sliding_window)
+    return key.value, value.value, mask
+
+
+class Mlp(nn.Module):
+  """GELU (GPT-2, tanh approximation as in the original) or SwiGLU (LLaMA) MLP."""
+  cfg: 'lm.models.decoder.DecoderConfig'  # noqa: F821
+  resid_std: float
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    dense = lambda f, axes, std, name: Linear((f,), axes, 1, cfg.use_bias, std,
+                                              cfg.compute_dtype, name=name)
+    if cfg.mlp == 'swiglu':
+      gate_BTF = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi_0')(x_BTD)
+      up_BTF = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi_1')(x_BTD)
+      h_BTF = jax.nn.silu(gate_BTF) * up_BTF
+    elif cfg.mlp == 'gelu':
+      h_BTF = jax.nn.gelu(dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi')(x_BTD),
+                          approximate=True)
+    else:
+      raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
+    h_BTF = constrain(h_BTF, ('batch', 'length', 'act_mlp'))
+    return dense(cfg.d_model, ('mlp', 'embed'), self.resid_std, 'wo')(h_BTF)
