@@ -47,19 +47,30 @@ def base_config() -> mlc.ConfigDict:
       attention="xla",  # xla | cudnn | auto (cudnn flash attention on GPU)
   ))
 
-  # Data: read by lm.data.
+  # Data: read by lm.data (sources.py, tokenizers.py, pipeline.py).
   c.data = mlc.ConfigDict(dict(
-      dataset="default",  # default (embedded corpus) | text_files | a TFDS catalog name
-      path="",  # file, directory or glob for text_files (local or gs://)
-      json_field="text",  # field of JSON-lines records
+      # default: the interpreter's stdlib sources (~4 MB, no download) | text_files |
+      # a TFDS catalog name (tiny_shakespeare, lm1b, c4/en: needs the internet once)
+      dataset="default",
+      path="",  # text_files: file, directory, glob or comma list (local or gs://); .jsonl = JSON lines
+      json_field="text",  # text field of JSON-lines records and of TFDS catalog examples
+      # text_files/default splits: one file by position (first 1-val-test train, as
+      # nanoGPT), many files by a hash of their names
       val_fraction=0.1,
       test_fraction=0.0,
-      tokenizer="bytes",  # bytes | char | sentencepiece
+      train_split="train",
+      eval_split="validation",  # e.g. "test" for lm1b, which has no validation split
+      tokenizer="bytes",  # bytes (256 + pad/bos/eos) | char (corpus alphabet, no specials) | sentencepiece
       tokenizer_path="",  # a SentencePiece .model file to load
-      vocab_size=0,  # SentencePiece training size when no tokenizer_path
-      data_dir="",  # where TFDS builds go; "" -> ~/.cache/lm/tfds
-      shuffle=True,
-      num_workers=0,  # Grain worker processes (0: in the main process)
+      vocab_size=0,  # SentencePiece pieces to train on the train split when no tokenizer_path
+      spm_model_type="bpe",  # bpe | unigram (SentencePiece training)
+      byte_fallback=True,  # SentencePiece training: unseen characters become byte pieces
+      user_symbols=(),  # extra symbols matched in text ([MASK], T5 sentinels, chat markers)
+      add_bos=False,  # per document, when the tokenizer has a bos id
+      add_eos=True,  # per document, when the tokenizer has an eos id
+      data_dir="",  # where TFDS builds and token caches go; "" -> ~/.cache/lm/tfds
+      shuffle=True,  # shuffle packed rows (reshuffled each epoch from train.seed)
+      num_workers=0,  # Grain worker processes (0: a thread in the main process)
   ))
 
   c.train = mlc.ConfigDict(dict(

@@ -18,3 +18,9 @@ def shakespeare_path():
   if not path.exists():
     pytest.skip(f"{path} is absent")
   return path
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """One TFDS data dir per session: the default corpus is built once, not per test."""
+  return tmp_path_factory.mktemp('tfds')

@@ -1,0 +1,586 @@
+"""Hugging Face checkpoints <-> lm run directories: GPT-2, Llama 2/3, Mistral, Qwen2.
+
+Each architecture is a table of rules. A rule ties HF tensors to lm params (paths in
+the unscanned tree, 'layers_3/attn/query/kernel') with a transform each way: most are
+a transpose and a reshape to heads; GPT-2's fused c_attn is one HF tensor for three lm
+params. A rule with no HF tensor is an lm param that the architecture lacks (a zero
+bias, because lm's use_bias covers all projections at once): it imports as zeros and
+must still be zero to export.
+
+Both directions stream: import reads one safetensors tensor per lm param as Orbax
+writes it (lm.convert.lazy); export restores a few params at a time and writes each
+HF tensor at its planned offset. Peak memory is the libraries plus a few tensors.
+transformers is not needed for either (only the tests use it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.convert import safetensors_io as st
+from lm.convert.lazy import LazyTensor
+
+HF_CONFIG = 'hf_config.json'  # the imported config.json, kept in the run for a faithful export
+F32 = np.dtype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  hf: tuple[str, ...]  # HF tensor names; () for an lm param the architecture lacks
+  lm: tuple[str, ...]  # lm param paths, unscanned
+  to_lm: Callable | None = None  # (*hf arrays) -> tuple of lm arrays
+  to_hf: Callable | None = None  # (*lm arrays) -> tuple of hf arrays
+
+
+def _one(hf, lm, to_lm=lambda x: x, to_hf=lambda x: x) -> Rule:
+  return Rule((hf,), (lm,), lambda x: (to_lm(x),), lambda x: (to_hf(x),))
+
+
+def _xp(x):  # numpy for real arrays, jax.numpy when jax.eval_shape traces a rule
+  return np if isinstance(x, np.ndarray) else jnp
+
+
+def _dims(m):
+  n = m['n_heads']
+  return m['d_model'], n, m['n_kv_heads'] or n, m['head_dim'] or m['d_model'] // n
+
+
+# -- GPT-2 ---------------------------------------------------------------------------------
+
+def _gpt2_to_lm(hf: dict) -> dict:
+  from lm.config import gpt2_model
+  _check(hf, 'activation_function', ('gelu_new', 'gelu_pytorch_tanh'), 'gelu_new',
+         "lm's GELU is the tanh approximation")
+  _check(hf, 'scale_attn_weights', (True,), True, 'attention scores are scaled by 1/sqrt(H)')
+  _check(hf, 'scale_attn_by_inverse_layer_idx', (False,), False, 'no per-layer score scaling')
+  _check(hf, 'add_cross_attention', (False,), False, 'decoder-only')
+  d = hf['n_embd']
+  return gpt2_model(vocab_size=hf['vocab_size'], max_len=hf['n_positions'], d_model=d,
+                    n_layers=hf['n_layer'], n_heads=hf['n_head'], d_ff=hf.get('n_inner') or 4 * d,
+                    norm_eps=hf.get('layer_norm_epsilon', 1e-5),
+                    tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
+
+
+def _gpt2_to_hf(m: dict, base: dict) -> dict:
+  d, n, k, h = _dims(m)
+  _require(m, 'GPT2LMHeadModel', pos_embedding='learned', norm='layernorm', mlp='gelu',
+           use_bias=True, sliding_window=0)
+  if k != n or n * h != d:
+    raise ValueError('GPT2LMHeadModel has n_heads * head_dim == d_model and no grouped KV '
+                     f'heads; this model has n_heads={n}, n_kv_heads={k}, head_dim={h}, d_model={d}.')
+  return dict(base, architectures=['GPT2LMHeadModel'], model_type='gpt2',
+              vocab_size=m['vocab_size'], n_positions=m['max_len'], n_embd=d,
+              n_layer=m['n_layers'], n_head=n,
+              n_inner=None if m['d_ff'] in (0, 4 * d) else m['d_ff'],
+              activation_function='gelu_new', layer_norm_epsilon=m['norm_eps'],
+              tie_word_embeddings=m['tie_embeddings'], scale_attn_weights=True,
+              scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
+
+
+def _gpt2_rules(m: dict, hf: dict) -> list[Rule]:
+  d, n, _, h = _dims(m)
+  heads = lambda x: x.reshape(*x.shape[:-1], n, h)  # [..., N*H] -> [..., N, H]
+  split = lambda w: tuple(heads(x) for x in _xp(w).split(w, 3, axis=-1))
+  fuse = lambda *qkv: (_xp(qkv[0]).concatenate([x.reshape(*x.shape[:-2], n * h) for x in qkv], -1),)
+  t = 'transformer.'
+  rules = [_one(t + 'wte.weight', 'embed'), _one(t + 'wpe.weight', 'pos_embed'),
+           _one(t + 'ln_f.weight', 'final_norm/scale'), _one(t + 'ln_f.bias', 'final_norm/bias')]
+  if not m['tie_embeddings']:
+    rules.append(_one('lm_head.weight', 'lm_head/kernel', lambda w: w.T, lambda k: k.T))
+  for i in range(m['n_layers']):
+    p, q = f'{t}h.{i}.', f'layers_{i}/'
+    for hf_norm, lm_norm in (('ln_1', 'attn_norm'), ('ln_2', 'mlp_norm')):
+      rules += [_one(f'{p}{hf_norm}.weight', f'{q}{lm_norm}/scale'),
+                _one(f'{p}{hf_norm}.bias', f'{q}{lm_norm}/bias')]
+    for kind in ('kernel', 'bias'):  # Conv1D weights are [in, out]: no transposes
+      hf_kind = 'weight' if kind == 'kernel' else 'bias'
+      rules.append(Rule((f'{p}attn.c_attn.{hf_kind}',),
+                        tuple(f'{q}attn/{x}/{kind}' for x in ('query', 'key', 'value')), split, fuse))
+    rules += [_one(p + 'attn.c_proj.weight', q + 'attn/out/kernel',
+                   lambda w: w.reshape(n, h, d), lambda k: k.reshape(n * h, d)),
+              _one(p + 'attn.c_proj.bias', q + 'attn/out/bias'),
+              _one(p + 'mlp.c_fc.weight', q + 'mlp/wi/kernel'),
+              _one(p + 'mlp.c_fc.bias', q + 'mlp/wi/bias'),
+              _one(p + 'mlp.c_proj.weight', q + 'mlp/wo/kernel'),
+              _one(p + 'mlp.c_proj.bias', q + 'mlp/wo/bias')]
+  return rules
+
+
+def _gpt2_rename(name: str) -> str:
+  # The original OpenAI checkpoints on the Hub were saved from GPT2Model: no prefix.
+  return name if name.startswith(('transformer.', 'lm_head.')) else 'transformer.' + name
+
+
+# -- Llama, Mistral, Qwen2 -------------------------------------------------------------------
+
+def _biases(arch: str, hf: dict) -> dict[str, bool]:
+  """Which projections carry biases in the HF model."""
+  if arch == 'Qwen2ForCausalLM':
+    return dict(qkv=True, o=False, mlp=False)
+  if arch == 'MistralForCausalLM':
+    return dict(qkv=False, o=False, mlp=False)
+  attn = bool(hf.get('attention_bias', False))
+  return dict(qkv=attn, o=attn, mlp=bool(hf.get('mlp_bias', False)))
+
+
+def _window(arch: str, hf: dict) -> int:
+  """The sliding window, when all layers use one (lm has one window for all layers)."""
+  n_layers = hf['num_hidden_layers']
+  w = 0 if arch == 'LlamaForCausalLM' else hf.get('sliding_window') or 0
+  if arch == 'Qwen2ForCausalLM':
+    w = w if hf.get('use_sliding_window') else 0
+    first = hf.get('max_window_layers', 28)
+    types = [('sliding_attention' if w and i >= first else 'full_attention') for i in range(n_layers)]
+  else:
+    types = [('sliding_attention' if w else 'full_attention')] * n_layers
+  types = hf.get('layer_types') or types
+  if len(set(types)) > 1:
+    raise ValueError(f'config.json mixes sliding-window and full-attention layers ({types}); '
+                     "lm's decoder has one model.sliding_window for every layer.")
+  return w if types[0] == 'sliding_attention' else 0
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict]:
+  # transformers >= 5 writes rope_parameters; older versions rope_theta and rope_scaling.
+  p = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+  theta = float(p.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  kind = p.get('rope_type', p.get('type', 'default'))
+  if float(p.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))) != 1.0:
+    raise ValueError("config.json has partial_rotary_factor != 1; lm's RoPE rotates whole heads.")
+  if kind == 'default':
+    return theta, dict(type='none')
+  if kind == 'linear':
+    return theta, dict(type='linear', factor=float(p['factor']))
+  if kind == 'llama3':
+    return theta, dict(type='llama3', factor=float(p['factor']),
+                       low_freq_factor=float(p['low_freq_factor']),
+                       high_freq_factor=float(p['high_freq_factor']),
+                       original_max_len=int(p['original_max_position_embeddings']))
+  raise ValueError(f'config.json asks for RoPE scaling {kind!r}; supported: default, linear, '
+                   'llama3 (model.rope_scaling.type none | linear | llama3).')
+
+
+def _rope_to_hf(m: dict) -> dict:
+  s = dict(m['rope_scaling'])
+  kind = s.get('type', 'none')
+  params = dict(rope_type='default' if kind == 'none' else kind)
+  if kind in ('linear', 'llama3'):
+    params['factor'] = s['factor']
+  if kind == 'llama3':
+    params.update(low_freq_factor=s['low_freq_factor'], high_freq_factor=s['high_freq_factor'],
+                  original_max_position_embeddings=s['original_max_len'])
+  # Both spellings: transformers >= 5 reads rope_parameters, older versions the other two.
+  return dict(rope_theta=m['rope_theta'], rope_scaling=None if kind == 'none' else params,
+              rope_parameters=dict(params, rope_theta=m['rope_theta']))
+
+
+def _llama_to_lm(arch: str, hf: dict) -> dict:
+  from lm.config import llama_model
+  _check(hf, 'hidden_act', ('silu',), 'silu', 'SwiGLU uses SiLU')
+  theta, scaling = _rope_from_hf(hf)
+  d, n = hf['hidden_size'], hf['num_attention_heads']
+  return llama_model(vocab_size=hf['vocab_size'], max_len=hf.get('max_position_embeddings', 4096),
+                     d_model=d, n_layers=hf['num_hidden_layers'], n_heads=n,
+                     n_kv_heads=hf.get('num_key_value_heads') or n,
+                     head_dim=hf.get('head_dim') or d // n, d_ff=hf['intermediate_size'],
+                     rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get('rms_norm_eps', 1e-6),
+                     use_bias=any(_biases(arch, hf).values()),
+                     tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+                     sliding_window=_window(arch, hf))
+
+
+def _llama_to_hf(arch: str, m: dict, base: dict) -> dict:
+  _require(m, arch, pos_embedding='rope', norm='rmsnorm', mlp='swiglu')
+  d, n, k, h = _dims(m)
+  w, n_layers = m['sliding_window'], m['n_layers']
+  hf = dict(base, architectures=[arch], model_type=MODEL_TYPES_BY_ARCH[arch],
+            vocab_size=m['vocab_size'], max_position_embeddings=m['max_len'], hidden_size=d,
+            intermediate_size=m['d_ff'] or 4 * d, num_hidden_layers=n_layers,
+            num_attention_heads=n, num_key_value_heads=k, head_dim=h, hidden_act='silu',
+            rms_norm_eps=m['norm_eps'], tie_word_embeddings=m['tie_embeddings'], **_rope_to_hf(m))
+  if arch == 'LlamaForCausalLM':
+    if w:
+      raise ValueError(f'LlamaForCausalLM has no sliding window (model.sliding_window={w}); '
+                       'export with --hf_arch=MistralForCausalLM.')
+    if not m['use_bias'] or 'attention_bias' not in base:  # else keep the imported choice
+      hf.update(attention_bias=m['use_bias'], mlp_bias=m['use_bias'])
+  elif arch == 'MistralForCausalLM':
+    hf['sliding_window'] = w or None
+  elif arch == 'Qwen2ForCausalLM':
+    if not m['use_bias']:
+      raise ValueError('Qwen2ForCausalLM has q/k/v biases but this model has '
+                       'model.use_bias=False; export with --hf_arch=LlamaForCausalLM.')
+    hf.update(use_sliding_window=bool(w), sliding_window=w or None,
+              layer_types=['sliding_attention' if w else 'full_attention'] * n_layers)
+    if w:
+      hf['max_window_layers'] = 0
+  return hf
+
+
+def _llama_rules(arch: str, m: dict, hf: dict) -> list[Rule]:
+  d, n, k, h = _dims(m)
+  biases = _biases(arch, hf)
+  T = lambda x: x.T
+  rules = [_one('model.embed_tokens.weight', 'embed'), _one('model.norm.weight', 'final_norm/scale')]
+  if not m['tie_embeddings']:
+    rules.append(_one('lm_head.weight', 'lm_head/kernel', T, T))
+
+  def bias(has: bool, name: str, path: str, to_lm=lambda b: b, to_hf=lambda b: b):
+    if has:
+      return [_one(name, path, to_lm, to_hf)]
+    return [Rule((), (path,))] if m['use_bias'] else []
+
+  for i in range(m['n_layers']):
+    p, q = f'model.layers.{i}.', f'layers_{i}/'
+    rules += [_one(p + 'input_layernorm.weight', q + 'attn_norm/scale'),
+              _one(p + 'post_attention_layernorm.weight', q + 'mlp_norm/scale')]
+    for hf_name, lm_name, heads in (('q_proj', 'query', n), ('k_proj', 'key', k),
+                                    ('v_proj', 'value', k)):
+      # nn.Linear weights are [out, in]; lm kernels [in, heads, head_dim].
+      rules.append(_one(f'{p}self_attn.{hf_name}.weight', f'{q}attn/{lm_name}/kernel',
+                        lambda w, a=heads: w.T.reshape(d, a, h),
+                        lambda x, a=heads: x.reshape(d, a * h).T))
+      rules += bias(biases['qkv'], f'{p}self_attn.{hf_name}.bias', f'{q}attn/{lm_name}/bias',
+                    lambda b, a=heads: b.reshape(a, h), lambda b, a=heads: b.reshape(a * h))
+    rules.append(_one(p + 'self_attn.o_proj.weight', q + 'attn/out/kernel',
+                      lambda w: w.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T))
+    rules += bias(biases['o'], p + 'self_attn.o_proj.bias', q + 'attn/out/bias')
+    for hf_name, lm_name in (('gate_proj', 'wi_0'), ('up_proj', 'wi_1'), ('down_proj', 'wo')):
+      rules.append(_one(f'{p}mlp.{hf_name}.weight', f'{q}mlp/{lm_name}/kernel', T, T))
+      rules += bias(biases['mlp'], f'{p}mlp.{hf_name}.bias', f'{q}mlp/{lm_name}/bias')
+  return rules
+
+
+# -- The table -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  to_lm: Callable[[dict], dict]  # config.json -> config.model fields
+  to_hf: Callable[[dict, dict], dict]  # (config.model fields, config.json to start from) -> config.json
+  rules: Callable[[dict, dict], list[Rule]]  # (config.model fields, config.json) -> rules
+  ignore: str = r'$^'  # HF tensors that are buffers, not weights
+  rename: Callable[[str], str] = lambda name: name  # HF tensor name -> the name in the rules
+
+
+def _llama_family(arch: str) -> Family:
+  return Family(functools.partial(_llama_to_lm, arch), functools.partial(_llama_to_hf, arch),
+                functools.partial(_llama_rules, arch), ignore=r'rotary_emb\.inv_freq$')
+
+
+ARCHS = {
+    'GPT2LMHeadModel': Family(_gpt2_to_lm, _gpt2_to_hf, _gpt2_rules,
+                              ignore=r'\.attn\.(masked_)?bias$', rename=_gpt2_rename),
+    'LlamaForCausalLM': _llama_family('LlamaForCausalLM'),
+    'MistralForCausalLM': _llama_family('MistralForCausalLM'),
+    'Qwen2ForCausalLM': _llama_family('Qwen2ForCausalLM'),
+}
+MODEL_TYPES_BY_ARCH = {'GPT2LMHeadModel': 'gpt2', 'LlamaForCausalLM': 'llama',
+                       'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2'}
+
+
+def _check(hf, key, allowed, default, why):
+  value = hf.get(key, default)
+  if value not in allowed:
+    raise ValueError(f"config.json has {key}={value!r}, which lm's decoder cannot express "
+                     f"({why}); supported: {', '.join(map(repr, allowed))}.")
+
+
+def _require(m, arch, **fields):
+  for key, want in fields.items():
+    if m[key] != want:
+      raise ValueError(f'{arch} needs model.{key}={want!r}; this model has {m[key]!r}. '
+                       f'Pick another --hf_arch ({", ".join(ARCHS)}).')
+
+
+# -- Shared steps ----------------------------------------------------------------------------
+
+def read_hf_config(directory) -> dict:
+  d = pathlib.Path(directory)
+  expected = ('a directory as transformers save_pretrained writes it: config.json, '
+              'model.safetensors (or shards and model.safetensors.index.json) and tokenizer files')
+  if not d.is_dir():
+    raise FileNotFoundError(f'{d} is not a directory; expected {expected}.')
+  if not (d / 'config.json').exists():
+    raise FileNotFoundError(f'{d} has no config.json; expected {expected}.')
+  return json.loads((d / 'config.json').read_text())
+
+
+def architecture(hf: dict) -> str:
+  archs = hf.get('architectures') or []
+  arch = archs[0] if archs else {v: a for a, v in MODEL_TYPES_BY_ARCH.items()}.get(hf.get('model_type'))
+  if arch not in ARCHS:
+    raise ValueError(f'Unsupported architecture {arch or hf.get("model_type")!r}; supported: '
+                     f'{", ".join(ARCHS)}.')
+  return arch
+
+
+def infer_architecture(m: dict) -> str:
+  """The HF architecture that a model trained in lm maps onto."""
+  if (m['pos_embedding'], m['norm'], m['mlp']) == ('learned', 'layernorm', 'gelu'):
+    return 'GPT2LMHeadModel'
+  if (m['pos_embedding'], m['norm'], m['mlp']) == ('rope', 'rmsnorm', 'swiglu'):
+    return 'MistralForCausalLM' if m['sliding_window'] else 'LlamaForCausalLM'
+  raise ValueError(f'No Hugging Face architecture here matches pos_embedding={m["pos_embedding"]}, '
+                   f'norm={m["norm"]}, mlp={m["mlp"]} (GPT-2: learned/layernorm/gelu; Llama: '
+                   'rope/rmsnorm/swiglu).')
+
+
+def model_config(m: dict):
+  """A full config.model ConfigDict from plain fields (rope_scaling given as a dict)."""
+  from lm.config import base_config
+  mc = base_config().model
+  m = dict(m)
+  mc.rope_scaling.update(dict(m.pop('rope_scaling', {})))
+  mc.update(m)
+  return mc
+
+
+def lm_shapes(m: dict) -> dict[str, tuple[int, ...]]:
+  """Shapes of the unscanned lm params, by '/'-joined path (nothing allocated)."""
+  from lm.models import get_model, param_table
+  mc = model_config(m)
+  mc.scan_layers = False
+  return {name: shape for name, shape, _ in param_table(get_model(mc))}
+
+
+def hf_shapes(rules: list[Rule], shapes: dict) -> dict[str, tuple[int, ...]]:
+  out = {}
+  for r in rules:
+    if r.hf:
+      args = [jax.ShapeDtypeStruct(shapes[p], F32) for p in r.lm]
+      for name, s in zip(r.hf, jax.eval_shape(r.to_hf, *args)):
+        out[name] = tuple(s.shape)
+  return out
+
+
+def _check_coverage(rules, shapes):  # a table bug, never the user's
+  covered = [p for r in rules for p in r.lm]
+  if sorted(covered) != sorted(shapes):
+    raise AssertionError(f'Rules and params differ: {sorted(set(covered) ^ set(shapes))[:6]}')
+
+
+_LAYER = re.compile(r'layers_(\d+)/(.*)')
+
+
+def _stored(path: str, scan: bool) -> tuple[str, int | None]:
+  """Where an unscanned path lives in the saved tree: (path, layer index or None)."""
+  match = _LAYER.fullmatch(path) if scan else None
+  return ('layers/' + match[2], int(match[1])) if match else (path, None)
+
+
+def _nest(flat: dict) -> dict:
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+# -- Import ----------------------------------------------------------------------------------
+
+def _make(rule: Rule, index: int, infos: dict, shape) -> np.ndarray:
+  if not rule.hf:
+    return np.zeros(shape, F32)
+  xs = [st.read_tensor(infos[name]).astype(F32, copy=False) for name in rule.hf]
+  return np.ascontiguousarray(rule.to_lm(*xs)[index], dtype=F32)
+
+
+def _stack(parts: list[LazyTensor]) -> np.ndarray:
+  out = np.empty((len(parts),) + tuple(parts[0].shape), F32)
+  for i, part in enumerate(parts):
+    out[i] = part()
+  return out
+
+
+def import_hf(directory, scan_layers: bool = False) -> tuple[dict, dict, dict]:
+  """(config.model fields, params of LazyTensors, config.json) from a HF model directory.
+
+  Every check (architecture, config, missing, extra or misshapen tensors) runs here,
+  from the safetensors headers alone; tensors are read only when a leaf is made.
+  """
+  d = pathlib.Path(directory)
+  hf = read_hf_config(d)
+  arch = architecture(hf)
+  family = ARCHS[arch]
+  m = model_config(family.to_lm(hf)).to_dict()
+  rules = family.rules(m, hf)
+  shapes = lm_shapes(m)
+  _check_coverage(rules, shapes)
+  infos = {family.rename(k): v for k, v in st.index_directory(d).items()}
+  expected = hf_shapes(rules, shapes)
+  missing = [name for name in expected if name not in infos]
+  if missing:
+    raise ValueError(f'{d}: tensor {missing[0]} is missing ({len(missing)} missing in all: '
+                     f'{", ".join(missing[:4])}...); {arch} with this config.json needs it.')
+  for name, shape in expected.items():
+    info = infos[name]
+    if info.shape != shape:
+      raise ValueError(f'{d}: tensor {name} has shape {list(info.shape)}, but config.json '
+                       f'({arch}) implies {list(shape)}.')
+    if st.NAMES[info.dtype] not in ('F64', 'F32', 'F16', 'BF16'):
+      raise ValueError(f'{d}: tensor {name} is {info.dtype}, not floating point (a quantized '
+                       'checkpoint?); convert the unquantized one.')
+  ignore = family.ignore + (r'|^lm_head\.weight$' if m['tie_embeddings'] else '')
+  extra = [n for n in infos if n not in expected and not re.search(ignore, n)]
+  if extra:
+    raise ValueError(f'{d}: {len(extra)} tensor(s) have no place in lm\'s {arch} layout: '
+                     f'{", ".join(extra[:4])}. The checkpoint uses a feature this converter '
+                     'does not support.')
+
+  leaves = {}
+  for r in rules:
+    for i, path in enumerate(r.lm):
+      leaves[path] = LazyTensor(shapes[path], F32,
+                                functools.partial(_make, r, i, infos, shapes[path]))
+  if scan_layers:
+    stacked = {}
+    for path in list(leaves):
+      where, layer = _stored(path, True)
+      if layer is not None:
+        stacked.setdefault(where, {})[layer] = leaves.pop(path)
+    for where, parts in stacked.items():
+      parts = [parts[i] for i in range(m['n_layers'])]
+      leaves[where] = LazyTensor((len(parts),) + tuple(parts[0].shape), F32,
+                                 functools.partial(_stack, parts))
+  return m, _nest(leaves), hf
+
+
+def convert_from_hf(directory, workdir, scan_layers: bool = False, step: int = 0):
+  """Writes an lm run directory (checkpoint, config, tokenizer) from a HF model directory."""
+  from lm.config import base_config, resolve
+  from lm.convert import hf_tokenizers, lazy
+  m, params, hf = import_hf(directory, scan_layers)
+  tokenizer = hf_tokenizers.from_hf_dir(directory, hf)
+  if tokenizer.vocab_size > m['vocab_size']:
+    raise ValueError(f'The tokenizer in {directory} has {tokenizer.vocab_size} ids but the '
+                     f'model\'s vocabulary (config.json vocab_size) has {m["vocab_size"]}: '
+                     'they do not belong together.')
+  workdir = pathlib.Path(workdir).absolute()
+  config = base_config()
+  config.model = model_config(m)
+  config.model.scan_layers = scan_layers
+  # Fine-tuning rebuilds the tokenizer from config.data: point it at this run's copy.
+  config.data.tokenizer = tokenizer.kind
+  config.data.tokenizer_path = str(workdir / 'tokenizer')
+  config = resolve(config, tokenizer)
+  lazy.save_run(workdir, params, config, tokenizer, step)
+  (workdir / HF_CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True))
+  return config
+
+
+# -- Export ----------------------------------------------------------------------------------
+
+def _shard_names(n: int) -> list[str]:
+  if n == 1:
+    return [st.SINGLE]
+  return [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
+
+
+def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None,
+              dtype: str = 'float32', max_shard_bytes: int = 5 * 10**9) -> dict:
+  """Writes a HF model directory that AutoModelForCausalLM.from_pretrained loads; returns config.json."""
+  import ml_dtypes
+  from lm.convert import lazy
+  from lm.train import checkpoint
+  workdir, out = pathlib.Path(workdir), pathlib.Path(out_dir)
+  config = checkpoint.read_config(workdir)
+  m = config.model.to_dict()
+  scan = m['scan_layers']
+  base = json.loads((workdir / HF_CONFIG).read_text()) if (workdir / HF_CONFIG).exists() else {}
+  arch = arch or (architecture(base) if base else infer_architecture(m))
+  if arch not in ARCHS:
+    raise ValueError(f'Unsupported --hf_arch {arch!r}; supported: {", ".join(ARCHS)}.')
+  if base and architecture(base) != arch:  # keep only what does not depend on the layout
+    base = {k: base[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id') if k in base}
+  family = ARCHS[arch]
+  hf = family.to_hf(m, base)
+  out_dtype = np.dtype({'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
+                        'float16': np.float16}[dtype])
+  hf.update(dtype=dtype, torch_dtype=dtype)  # both spellings: transformers >= 5 and older
+  rules = family.rules(m, hf)
+  shapes = lm_shapes(m)
+  _check_coverage(rules, shapes)
+  specs = hf_shapes(rules, shapes)
+
+  # Shards in rule order, each up to max_shard_bytes.
+  sizes = {name: math.prod(s) * out_dtype.itemsize for name, s in specs.items()}
+  shards, total = [[]], 0
+  for name in specs:
+    if shards[-1] and total + sizes[name] > max_shard_bytes:
+      shards.append([])
+      total = 0
+    shards[-1].append(name)
+    total += sizes[name]
+  files = _shard_names(len(shards))
+  out.mkdir(parents=True, exist_ok=True)
+  writers, file_of = [], {}
+  for file, names in zip(files, shards):
+    writers.append(st.Writer(out / file, {n: (specs[n], out_dtype) for n in names}))
+    file_of.update({n: writers[-1] for n in names})
+
+  # Rules that read the same stored leaves go together (with scan_layers, all layers of
+  # one kind); small groups are batched up to a budget so Orbax is not called per tensor.
+  groups = {}
+  for r in rules:
+    groups.setdefault(frozenset(_stored(p, scan)[0] for p in r.lm), []).append(r)
+  budget = max(64 << 20, sum(sizes.values()) // 20)
+  reader = lazy.ParamReader(workdir, step)
+  batch, batch_bytes = [], 0
+  for key, group in list(groups.items()) + [(None, None)]:
+    if key is not None:
+      batch.append((key, group))
+      batch_bytes += sum(4 * math.prod(shapes[p]) for r in group for p in r.lm)
+      if batch_bytes < budget:
+        continue
+    if not batch:
+      break
+    arrays = reader.read(sorted({p for k, _ in batch for p in k}))
+    for _, group in batch:
+      for r in group:
+        xs = []
+        for p in r.lm:
+          where, layer = _stored(p, scan)
+          xs.append(arrays[where] if layer is None else arrays[where][layer])
+        if not r.hf:
+          if np.any(xs[0]):
+            raise ValueError(f'Param {r.lm[0]} is not zero, but {arch} has no such tensor: '
+                             'export with an --hf_arch that has it (LlamaForCausalLM has '
+                             'attention_bias and mlp_bias).')
+          continue
+        for name, x in zip(r.hf, r.to_hf(*xs)):
+          file_of[name].write(name, np.asarray(x).astype(out_dtype))
+    batch, batch_bytes, arrays = [], 0, None
+  reader.close()
+  for w in writers:
+    w.close()
+
+  if len(files) > 1:
+    weight_map = {n: f for f, names in zip(files, shards) for n in names}
+    (out / st.INDEX).write_text(json.dumps(
+        dict(metadata=dict(total_size=sum(sizes.values())), weight_map=weight_map), indent=2))
+  (out / 'config.json').write_text(json.dumps(hf, indent=2, sort_keys=True))
+  _export_tokenizer(workdir, out)
+  return hf
+
+
+def _export_tokenizer(workdir, out) -> None:
+  from lm.convert import hf_tokenizers
+  tokenizer_dir = workdir / 'tokenizer'
+  if (tokenizer_dir / hf_tokenizers.MANIFEST).exists():
+    hf_tokenizers.load(tokenizer_dir).save(out)
+  else:
+    logging.warning('The run\'s tokenizer (%s) is not a Hugging Face one: %s gets no tokenizer '
+                    'files.', tokenizer_dir, out)

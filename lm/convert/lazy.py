@@ -1,0 +1,116 @@
+"""Params that stream through Orbax one tensor at a time (conversion of big checkpoints).
+
+Orbax's own numpy handler copies every array before writing and writes them all at
+once, so saving a tree costs twice its size. A `LazyTensor` leaf instead holds a
+function that makes its array; the handler below calls it when the array is due and
+writes one array at a time, in the same format as a numpy leaf, so
+`lm.train.checkpoint.load_inference_run` restores it like any other run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Callable
+
+import numpy as np
+from absl import logging
+import orbax.checkpoint as ocp
+from orbax.checkpoint import future, type_handlers
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyTensor:
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  make: Callable[[], np.ndarray]
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __call__(self) -> np.ndarray:
+    x = self.make()
+    if x.shape != tuple(self.shape) or x.dtype != self.dtype:
+      raise ValueError(f'Made {x.dtype}{list(x.shape)}, expected {self.dtype}{list(self.shape)}.')
+    return x
+
+
+class _LazyHandler(type_handlers.NumpyHandler):
+  """Makes and writes the arrays one by one; the checkpoint reads back as numpy arrays."""
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+
+    async def write_one_by_one():
+      for value, info, arg in zip(values, infos, args):
+        await self._background_serialize([value()], [info], [arg])
+
+    return [future.CommitFutureAwaitingContractedSignals(write_one_by_one(), name='lazy_tensor')]
+
+
+_verbosity = logging.get_verbosity()
+logging.set_verbosity(logging.ERROR)  # the registry warns that two handlers write 'np.ndarray'
+type_handlers.register_type_handler(LazyTensor, _LazyHandler(), override=True)
+logging.set_verbosity(_verbosity)
+
+
+def materialize(tree):
+  """The same tree with every LazyTensor made (for tests and small models)."""
+  if isinstance(tree, dict):
+    return {k: materialize(v) for k, v in tree.items()}
+  return tree() if isinstance(tree, LazyTensor) else tree
+
+
+def save_run(workdir, lazy_params, config, tokenizer, step: int = 0) -> None:
+  """What `save_inference_run` writes, with the params streamed (see the module doc)."""
+  from lm.train import checkpoint
+  checkpoint.write_run_files(workdir, config, tokenizer)
+  ckpt = checkpoint.Checkpointer(workdir, None)
+  ckpt.manager.save(step, force=True, args=ocp.args.Composite(
+      params=ocp.args.PyTreeSave(lazy_params),
+      config=ocp.args.JsonSave(json.loads(checkpoint.config_to_json(config)))))
+  ckpt.close()
+
+
+class ParamReader:
+  """Restores chosen leaves of a run's params as numpy arrays, a few at a time."""
+
+  def __init__(self, workdir, step: int | None = None):
+    from lm.train import checkpoint
+    self.ckpt = checkpoint.Checkpointer(workdir, None, read_only=True)
+    self.step = self.ckpt.latest_step() if step is None else step
+    if self.step is None:
+      raise FileNotFoundError(f'No checkpoint under {self.ckpt.directory}: train first '
+                              '(scripts/train.py) or import one (scripts/convert_checkpoint.py).')
+    self.train_state = self.ckpt.has_train_state(self.step)
+
+  def read(self, paths: list[str]) -> dict[str, np.ndarray]:
+    """{'/'-joined path: array} for the given leaves."""
+    target, args = {}, {}
+    for path in paths:
+      *parents, leaf = path.split('/')
+      t, a = target, args
+      for p in parents:
+        t, a = t.setdefault(p, {}), a.setdefault(p, {})
+      t[leaf], a[leaf] = 0, ocp.RestoreArgs(restore_type=np.ndarray)
+    item = 'state' if self.train_state else 'params'
+    if self.train_state:
+      target, args = {'params': target}, {'params': args}
+    out = self.ckpt.manager.restore(self.step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True)}))[item]
+    out = out['params'] if self.train_state else out
+    result = {}
+    for path in paths:
+      node = out
+      for p in path.split('/'):
+        node = node[p]
+      result[path] = np.asarray(node)
+    return result
+
+  def close(self) -> None:
+    self.ckpt.close()

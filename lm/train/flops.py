@@ -1,0 +1,64 @@
+"""Model FLOPs per token and the device's peak, for MFU.
+
+FLOPs per trained token (PaLM, appendix B): 6 * N + 12 * L * D_attn * T, where N counts
+the parameters that take part in matmuls (every weight except the position table, and
+except the input embedding when the head is untied: a lookup is not a matmul), L the
+layers, D_attn = n_heads * head_dim and T the context length. This is nanoGPT's
+estimate_mfu formula too, so the figures compare.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lm import models
+
+# Dense bf16 matmul peaks from the spec sheets, in FLOP/s per device.
+SPEC_PEAK_FLOPS = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def matmul_params(model) -> int:
+  n = 0
+  for path, _, size in models.param_table(model):
+    top = path.split('/')[0]
+    if top == 'pos_embed' or (top == 'embed' and not model.cfg.tie_embeddings):
+      continue
+    n += size
+  return n
+
+
+def flops_per_token(model, seq_len: int | None = None) -> float:
+  cfg = model.cfg
+  t = seq_len or cfg.max_len
+  return 6.0 * matmul_params(model) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim_ * t
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Best-of-`repeats` FLOP/s of an n x n dense matmul on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_sec(device=None) -> tuple[float, str]:
+  """(peak, how): the spec sheet on GPU/TPU, a timed float32 matmul on CPU."""
+  device = device or jax.devices()[0]
+  if device.platform != 'cpu':
+    kind = device.device_kind
+    for name, peak in SPEC_PEAK_FLOPS.items():
+      if name.lower() in kind.lower():
+        return peak, f'spec sheet ({name})'
+    return measure_matmul_peak(8192, dtype=jnp.bfloat16), f'timed bf16 matmul ({kind})'
+  return measure_matmul_peak(), 'timed float32 matmul (cpu)'

@@ -1,0 +1,332 @@
+"""The train/eval loop: partitioned, jitted steps over a device mesh; Orbax state.
+
+Data flows one way: config -> data pipeline -> batches -> jitted step -> state ->
+checkpoint/metrics. `train_step(state, batch) -> (state, metrics)` is pure; the loop
+around it owns I/O.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lm import config as lm_config
+from lm import models
+from lm.train import checkpoint as ckpt_lib
+from lm.train import flops as flops_lib
+from lm.train import metrics as metrics_lib
+from lm.train import objectives, optim, partitioning
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from a resolved config, before any state exists."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: Callable
+  state_shardings: Any
+  abstract_state: Any  # ShapeDtypeStructs carrying the shardings
+  batch_sharding: jax.sharding.NamedSharding
+  init_state: Callable  # rng -> state (jitted, sharded)
+  train_step: Callable  # (state, batch) -> (state, metrics) (jitted, donated)
+  eval_step: Callable  # (params, batch) -> (loss_sum, weight_sum)
+
+
+def _needs_dropout(model_config) -> bool:
+  return any(model_config[k] > 0 for k in ('embed_dropout', 'attn_dropout', 'resid_dropout'))
+
+
+def build(config, devices=None) -> Setup:
+  """Mesh, model, optimizer, shardings and the jitted steps for a resolved config."""
+  mesh = partitioning.make_mesh(config.mesh, devices)
+  model = models.get_model(config.model)
+  seq_len = config.model.max_len
+  boxed_params = models.param_shapes(model)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.unbox(boxed_params))
+
+  def init_boxed(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    return dict(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                rng=jax.random.PRNGKey(0))  # replaced in init_state
+
+  with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
+    boxed_state = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+  state_shardings = nn.unbox(partitioning.logical_shardings(boxed_state, mesh))
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      nn.unbox(boxed_state), state_shardings)
+  data_sharding = partitioning.batch_sharding(mesh)
+  repl = partitioning.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=state_shardings)
+  def init_state(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
+      state = nn.unbox(init_boxed(params_rng))
+    state['rng'] = state_rng
+    return state
+
+  objective = objectives.get_objective(config.train.objective)
+  deterministic = not _needs_dropout(config.model)
+  micro = config.train.microbatches
+  z_loss = config.train.z_loss
+
+  def loss_fn(params, batch, rng):
+    s, w, aux = objective(model, params, batch, rng=rng, deterministic=deterministic,
+                          z_loss=z_loss)
+    return s, (w, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    params = state['params']
+    with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
+      if micro == 1:
+        (loss_sum, (weight_sum, aux)), grads = grad_fn(params, batch, rng)
+      else:  # accumulate sums over microbatches: exactly the big batch's mean
+        split = jax.tree.map(lambda x: x.reshape((micro, -1) + x.shape[1:]), batch)
+        def body(carry, mb_and_i):
+          mb, i = mb_and_i
+          (s, (w, aux)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+          acc = jax.tree.map(jnp.add, carry, (s, w, aux, g))
+          return acc, None
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        aux0 = {'z_loss': jnp.zeros(())} if z_loss else {}
+        init = (jnp.zeros(()), jnp.zeros(()), aux0, zeros)
+        (loss_sum, weight_sum, aux, grads), _ = jax.lax.scan(body, init, (split, jnp.arange(micro)))
+    denom = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves the state as it was; the host stops the run.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = dict(step=state['step'] + 1, params=keep(new_params, params),
+                     opt_state=keep(opt_state, state['opt_state']), rng=state['rng'])
+    metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
+               'train/lr': schedule(state['step']), 'finite': ok, 'tokens': weight_sum}
+    metrics.update({f'train/{k}': v / denom for k, v in aux.items()})
+    return new_state, metrics
+
+  def eval_step(params, batch):
+    with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
+      s, w, _ = objective(model, params, batch, deterministic=True)
+    return s, w
+
+  batch_shardings = {k: data_sharding for k in BATCH_KEYS}
+  return Setup(
+      config=config, mesh=mesh, model=model, tx=tx, schedule=schedule,
+      state_shardings=state_shardings, abstract_state=abstract_state,
+      batch_sharding=data_sharding, init_state=init_state,
+      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, repl), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_shardings['params'], batch_shardings),
+                        out_shardings=repl))
+
+
+def global_batch(setup: Setup, local: dict) -> dict:
+  """Each process's rows -> one global array per key, sharded over data x fsdp."""
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, np.asarray(local[k]))
+          for k in BATCH_KEYS}
+
+
+def abstract_batch(setup: Setup) -> dict:
+  c = setup.config
+  shape = (c.train.batch_size, c.model.max_len)
+  dtypes = dict(inputs=jnp.int32, targets=jnp.int32, segment_ids=jnp.int32,
+                positions=jnp.int32, weights=jnp.float32)
+  return {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=setup.batch_sharding)
+          for k in BATCH_KEYS}
+
+
+def compile_only(config) -> dict:
+  """Lowers and compiles the train step for the configured mesh; memory per device."""
+  setup = build(config)
+  compiled = setup.train_step.lower(setup.abstract_state, abstract_batch(setup)).compile()
+  mem = compiled.memory_analysis()
+  gib = lambda b: b / 2 ** 30
+  fields = ['argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+            'alias_size_in_bytes', 'generated_code_size_in_bytes']
+  report = {f: int(getattr(mem, f, 0) or 0) for f in fields}
+  # Donated state aliases its output: count arguments + temporaries (+ any new outputs).
+  total = (report['argument_size_in_bytes'] + report['output_size_in_bytes']
+           - report['alias_size_in_bytes'] + report['temp_size_in_bytes'])
+  report['total_per_device_bytes'] = int(total)
+  report['total_per_device_gib'] = round(gib(total), 3)
+  report['mesh'] = dict(setup.mesh.shape)
+  report['num_params'] = models.count_params(setup.abstract_state['params'])
+  return report
+
+
+class _Preempted:
+  """SIGTERM sets a flag; the loop saves at the next step and exits cleanly."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate(setup: Setup, params, config, tokenizer) -> dict:
+  from lm import data as lm_data
+  loss_sum, weight_sum = 0.0, 0.0
+  it = lm_data.make_eval_iter(config, tokenizer, num_batches=config.train.eval_steps)
+  for local in it:
+    s, w = setup.eval_step(params, global_batch(setup, local))
+    loss_sum += float(s)
+    weight_sum += float(w)
+  loss = loss_sum / max(weight_sum, 1.0)
+  return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 50.0))}
+
+
+def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> dict:
+  """Trains (or resumes) per config in workdir; returns the last metrics.
+
+  devices: the devices of the mesh (default: all); a resumed run may use a different
+  number (and mesh) than the run that saved it: Orbax reshards on restore.
+  """
+  from lm import data as lm_data
+  workdir = pathlib.Path(workdir)
+  ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+  latest = ckpt.latest_step()
+
+  # The tokenizer travels with the run: reuse the saved one when resuming.
+  if latest is not None and (workdir / ckpt_lib.TOKENIZER_DIR).exists():
+    tokenizer = ckpt_lib.read_tokenizer(workdir)
+  else:
+    tokenizer = lm_data.build_tokenizer(config)
+  config = lm_config.resolve(config, tokenizer)
+  if latest is not None and (workdir / ckpt_lib.CONFIG_FILE).exists():
+    saved = ckpt_lib.read_config(workdir)
+    if saved.model.to_dict() != config.model.to_dict():
+      diff = {k: (saved.model[k], config.model[k]) for k in config.model
+              if saved.model.get(k) != config.model[k]}
+      raise ValueError(f'{workdir} holds a run whose model differs from this config '
+                       f'(saved, given): {diff}. Use a new --workdir or the same model fields.')
+
+  setup = build(config, devices)
+  train_iter = lm_data.make_train_iter(config, tokenizer)
+  if latest is not None and ckpt.has_train_state(latest):
+    state, data_state = ckpt.restore(latest, setup.abstract_state)
+    if data_state:
+      train_iter.set_state(data_state)
+    log(f'Resumed from step {int(state["step"])} in {workdir}.')
+  else:
+    state = setup.init_state(jax.random.PRNGKey(config.train.seed))
+    if latest is not None:  # an imported model: fine-tune from its params
+      params = ckpt.restore_params(latest, setup.abstract_state['params'])
+      state['params'] = params
+      state['opt_state'] = jax.jit(setup.tx.init, out_shardings=setup.state_shardings[
+          'opt_state'])(params)
+      state['step'] = jnp.array(0, jnp.int32)
+      log(f'Initialised from the params of {workdir} (step {latest}).')
+  ckpt_lib.write_run_files(workdir, config, tokenizer)
+
+  start = int(state['step'])
+  steps = config.train.steps
+  num_params = models.count_params(state['params'])
+  flops_per_token = flops_lib.flops_per_token(setup.model)
+  peak, peak_how = flops_lib.peak_flops_per_sec()
+  peak_total = peak * len(setup.mesh.devices.flat)
+  writer = metrics_lib.MetricsWriter(workdir, steps, start)
+  if start == 0 or not writer.path.exists():
+    writer.write({'step': start, 'num_params': num_params,
+                  'model_flops_per_token': flops_per_token, 'peak_flops_per_sec': peak_total,
+                  'peak_flops_how': peak_how, 'config': config.to_dict()})
+  tokens_per_step = config.train.batch_size * config.model.max_len
+
+  last = {}
+  pending = None  # metrics of the previous step, read one step late to keep dispatch async
+  t_mark, step_mark = None, start
+  best_eval = None
+
+  def check(step_metrics, step):
+    m = jax.device_get(step_metrics)
+    if not bool(m['finite']):
+      ckpt.wait()
+      raise FloatingPointError(
+          f'Non-finite loss at step {step + 1} (loss={float(m["train/loss"])}, grad_norm='
+          f'{float(m["train/grad_norm"])}). Stopped; the last good checkpoint in {ckpt.directory}'
+          ' is intact. Lower optimizer.lr, raise warmup, or enable grad_clip.')
+    return m
+
+  with _Preempted() as preempted:
+    for step in range(start, steps):
+      batch = global_batch(setup, next(train_iter))
+      state, metrics = setup.train_step(state, batch)
+      if pending is not None:
+        check(*pending)
+      pending = (metrics, step)
+      done = step + 1
+      if t_mark is None:  # exclude compilation from throughput
+        jax.block_until_ready(metrics)
+        t_mark, step_mark = time.perf_counter(), done
+      if done % config.train.log_every == 0 or done == steps:
+        m = check(*pending)
+        pending = None
+        now = time.perf_counter()
+        tps = tokens_per_step * (done - step_mark) / (now - t_mark) if done > step_mark else 0.0
+        t_mark, step_mark = now, done
+        last = {'step': done, 'train/loss': float(m['train/loss']),
+                'train/lr': float(m['train/lr']), 'train/grad_norm': float(m['train/grad_norm']),
+                'train/tokens_per_sec': tps,
+                'train/mfu': tps * flops_per_token / peak_total if tps else 0.0}
+        last.update({k: float(v) for k, v in m.items() if k.startswith('train/') and k not in last})
+        writer.write(last)
+        writer.progress(done, last['train/loss'], tps)
+      eval_loss = None
+      if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
+        ev = evaluate(setup, state['params'], config, tokenizer)
+        eval_loss = ev['eval/loss']
+        best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
+        writer.write({'step': done, **ev})
+        log(f'step {done}: eval loss {ev["eval/loss"]:.4f}, perplexity '
+            f'{ev["eval/perplexity"]:.2f}')
+        t_mark = None  # eval time is not training throughput
+      stop = preempted.flag
+      if done % config.checkpoint.every_steps == 0 or done == steps or stop:
+        if pending is not None:
+          check(*pending)
+          pending = None
+        ckpt.save(done, state, train_iter.get_state(), config, eval_loss)
+      if stop:
+        log(f'SIGTERM: saved step {done} in {ckpt.directory}; exiting.')
+        break
+    if pending is not None:
+      check(*pending)
+  ckpt.close()
+  writer.close()
+  metrics_lib.plot_losses(workdir)
+  return {**last, 'best_eval_loss': best_eval, 'state': state, 'config': config,
+          'tokenizer': tokenizer, 'setup': setup}

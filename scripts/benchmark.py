@@ -1,0 +1,73 @@
+"""Times the real train step (or the input pipeline); the last line is one JSON object.
+
+  python scripts/benchmark.py --config=configs/NAME.py [--steps=N] [--config.a.b=...]
+  python scripts/benchmark.py --config=configs/NAME.py --data_only
+
+Train step: synthetic tokens through the same jitted, sharded step that train.py uses.
+Prints tokens_per_sec, model_flops_per_token (6N + 12 L D T, see lm/train/flops.py),
+model_flops_per_sec, peak_flops_per_sec (a dense matmul timed in this process on this
+device on CPU; the spec sheet on GPU/TPU) and mfu, their ratio.
+"""
+import json
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps (compilation, caches).')
+_DATA_ONLY = flags.DEFINE_bool('data_only', False, 'Time the input pipeline alone.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  import jax
+  import numpy as np
+  from lm import config as lm_config
+  config = _CONFIG.value
+  if _DATA_ONLY.value:
+    from lm.data import pipeline
+    print(json.dumps({'data_tokens_per_sec': pipeline.measure_throughput(config)}))
+    return
+  if config.model.vocab_size == 0:
+    config = lm_config.resolve(config)
+  from lm.train import flops, trainer
+  setup = trainer.build(config)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  b, t, v = config.train.batch_size, config.model.max_len, config.model.vocab_size
+  rng = np.random.default_rng(0)
+  def batch():
+    x = rng.integers(0, v, (b, t + 1), dtype=np.int32)
+    return trainer.global_batch(setup, dict(
+        inputs=x[:, :-1], targets=x[:, 1:], segment_ids=np.ones((b, t), np.int32),
+        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+        weights=np.ones((b, t), np.float32)))
+  batches = [batch() for _ in range(4)]
+  for i in range(_WARMUP.value):
+    state, metrics = setup.train_step(state, batches[i % 4])
+  jax.block_until_ready((state, metrics))
+  peak, how = flops.peak_flops_per_sec()
+  peak *= len(setup.mesh.devices.flat)
+  start = time.perf_counter()
+  for i in range(_STEPS.value):
+    state, metrics = setup.train_step(state, batches[i % 4])
+  jax.block_until_ready((state, metrics))
+  seconds = time.perf_counter() - start
+  tokens_per_sec = b * t * _STEPS.value / seconds
+  fpt = flops.flops_per_token(setup.model)
+  print(json.dumps({
+      'config': config.model.to_dict() | {'batch_size': b},
+      'device': jax.devices()[0].device_kind, 'num_devices': len(setup.mesh.devices.flat),
+      'steps': _STEPS.value, 'seconds_per_step': seconds / _STEPS.value,
+      'peak_how': how}))
+  print(json.dumps({
+      'tokens_per_sec': tokens_per_sec, 'model_flops_per_token': fpt,
+      'model_flops_per_sec': tokens_per_sec * fpt, 'peak_flops_per_sec': peak,
+      'mfu': tokens_per_sec * fpt / peak}))
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,0 +1,61 @@
+"""Trains (or resumes) a model: the contract in DESIGN.md.
+
+  python scripts/train.py --config=configs/NAME.py --workdir=DIR [--config.a.b=VALUE ...]
+  python scripts/train.py --config=configs/llama2_7b.py --workdir=/tmp/x --compile_only \
+      --fake_devices=8   # per-device memory of the train step, without the hardware
+
+Re-running the same command resumes from the newest checkpoint in DIR.
+"""
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
+_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False,
+                                  'Compile the train step for the mesh and print its memory.')
+_FAKE_DEVICES = flags.DEFINE_integer('fake_devices', 0,
+                                     'Simulate this many CPU devices (for --compile_only).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in a multi-host run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (0..num_processes-1).')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  import jax
+  if _FAKE_DEVICES.value:
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', _FAKE_DEVICES.value)
+  from lm.train import partitioning
+  partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                            _PROCESS_ID.value)
+  from lm import config as lm_config
+  from lm.train import trainer
+  config = _CONFIG.value
+  try:
+    lm_config.check_keys(config)
+  except KeyError as e:
+    sys.exit(str(e.args[0]))
+  if _COMPILE_ONLY.value:
+    if config.model.vocab_size == 0:
+      config = lm_config.resolve(config)
+    print(json.dumps(trainer.compile_only(config)))
+    return
+  if not _WORKDIR.value:
+    sys.exit('--workdir is required: the directory for checkpoints and metrics.')
+  result = trainer.train(config, _WORKDIR.value)
+  if result['config'].train.sample_prompt and jax.process_index() == 0:
+    from lm.infer import sampling
+    print(sampling.sample_text(result['setup'].model, result['state']['params'],
+                               result['tokenizer'], result['config'].train.sample_prompt,
+                               max_new_tokens=result['config'].train.sample_tokens,
+                               temperature=0.8, top_k=0, seed=result['config'].train.seed))
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,0 +1,282 @@
+"""The trainer: sharding equivalence, accumulation, resume, remesh, preemption, guards, CLI."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lm.config import base_config, check_keys
+from lm.train import checkpoint as ckpt_lib
+from lm.train import metrics as metrics_lib
+from lm.train import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, **train):
+  c = base_config()
+  c.model.update(vocab_size=0, max_len=32, d_model=32, n_layers=2, n_heads=2)
+  c.data.update(dataset='default', tokenizer='bytes', data_dir=str(data_dir))
+  c.train.update(batch_size=8, steps=20, log_every=1, eval_every=10, eval_steps=2, seed=3)
+  c.train.update(train)
+  c.optimizer.update(warmup_steps=2, lr=3e-3, decay_steps=20)  # same schedule at any steps
+  c.checkpoint.update(every_steps=5, keep=3, async_save=False)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  return c
+
+
+def synthetic_batches(n, b=8, t=32, v=64, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, v, (b, t + 1)).astype(np.int32)
+  for _ in range(n):  # the same batch each step, so the loss must fall
+    yield dict(inputs=x[:, :-1], targets=x[:, 1:], segment_ids=np.ones((b, t), np.int32),
+               positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+               weights=(np.arange(t) % 3 != 0).astype(np.float32)[None].repeat(b, 0))
+
+
+def synthetic_config(**mesh):
+  c = base_config()
+  c.model.update(vocab_size=64, max_len=32, d_model=64, n_layers=2, n_heads=4)
+  c.train.update(batch_size=8, steps=10)
+  # SGD: Adam's normalisation turns float rounding in near-zero gradients into
+  # lr-sized parameter differences, which would hide real mismatches.
+  c.optimizer.update(name='sgd', warmup_steps=0, lr=0.5, weight_decay=0.0)
+  c.mesh.update(mesh)
+  return c
+
+
+def run_steps(config, devices, n=3):
+  setup = trainer.build(config, devices)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  losses = []
+  for batch in synthetic_batches(n):
+    state, m = setup.train_step(state, trainer.global_batch(setup, batch))
+    losses.append(float(m['train/loss']))
+  return losses, jax.device_get(state['params'])
+
+
+def test_one_device_equals_eight_as_2x2x2():
+  l1, p1 = run_steps(synthetic_config(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  l8, p8 = run_steps(synthetic_config(data=2, fsdp=2, tensor=2), jax.devices())
+  np.testing.assert_allclose(l1, l8, atol=1e-5)
+  assert l1[2] < l1[0]  # it learns
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p8)
+
+
+def test_params_are_sharded_by_logical_rules():
+  setup = trainer.build(synthetic_config(data=2, fsdp=2, tensor=2))
+  spec = setup.state_shardings['params']['layers_0']['attn']['query']['kernel'].spec
+  assert tuple(spec) == ('fsdp', 'tensor', None)  # embed -> fsdp, heads -> tensor
+  # Optimizer moments follow their params.
+  flat = jax.tree_util.tree_flatten_with_path(setup.state_shardings['opt_state'])[0]
+  specs = [tuple(s.spec) for path, s in flat if 'layers_0' in str(path) and 'wi' in str(path)
+           and 'kernel' in str(path)]
+  assert specs and all(s == ('fsdp', 'tensor') for s in specs)
+
+
+def test_gradient_accumulation_equals_big_batch():
+  big, p_big = run_steps(synthetic_config(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  c = synthetic_config(data=1, fsdp=1, tensor=1)
+  c.train.microbatches = 4
+  acc, p_acc = run_steps(c, jax.devices()[:1])
+  np.testing.assert_allclose(big, acc, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p_big, p_acc)
+
+
+def losses_of(workdir):
+  return {r['step']: r['train/loss'] for r in metrics_lib.read_metrics(workdir)
+          if 'train/loss' in r}
+
+
+def test_resume_is_bitwise_exact(data_dir, tmp_path):
+  c = tiny_config(data_dir)
+  trainer.train(c, tmp_path / 'once', log=lambda s: None)
+  c10 = tiny_config(data_dir, steps=10)
+  trainer.train(c10, tmp_path / 'twice', log=lambda s: None)
+  trainer.train(c, tmp_path / 'twice', log=lambda s: None)  # same command, more steps
+  once, twice = losses_of(tmp_path / 'once'), losses_of(tmp_path / 'twice')
+  assert sorted(once) == sorted(twice) == list(range(1, 21))
+  assert [once[s] for s in range(1, 21)] == [twice[s] for s in range(1, 21)]  # bitwise
+  assert once[20] < once[1]
+  records = metrics_lib.read_metrics(tmp_path / 'once')
+  assert 'num_params' in records[0] and 'config' in records[0]
+  for key in ('train/loss', 'train/lr', 'train/grad_norm', 'train/tokens_per_sec', 'train/mfu'):
+    assert key in records[1]
+  evals = [r for r in records if 'eval/loss' in r]
+  assert [r['step'] for r in evals] == [10, 20] and 'eval/perplexity' in evals[0]
+  assert (tmp_path / 'once' / 'loss.png').stat().st_size > 1000
+  assert list((tmp_path / 'once' / 'tensorboard').glob('events.out.tfevents.*'))
+  assert (tmp_path / 'once' / 'config.json').exists()
+  assert (tmp_path / 'once' / 'tokenizer').is_dir()
+
+
+def test_restore_onto_a_different_mesh(data_dir, tmp_path):
+  c = tiny_config(data_dir, steps=10)
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  trainer.train(c, tmp_path / 'run', log=lambda s: None)
+  ref = tiny_config(data_dir, steps=15)
+  trainer.train(ref, tmp_path / 'ref', log=lambda s: None)
+  for devices, mesh in [(jax.devices()[:1], dict(data=1, fsdp=1, tensor=1)),
+                        (jax.devices()[:4], dict(data=1, fsdp=2, tensor=2))]:
+    work = tmp_path / f'run{len(devices)}'
+    subprocess.run(['cp', '-r', str(tmp_path / 'run'), str(work)], check=True)
+    c15 = tiny_config(data_dir, steps=15)
+    c15.mesh.update(mesh)
+    out = trainer.train(c15, work, log=lambda s: None, devices=devices)
+    assert out['step'] == 15
+    # Same data stream and state as a run that was never interrupted.
+    got, want = losses_of(work), losses_of(tmp_path / 'ref')
+    np.testing.assert_allclose([got[s] for s in range(11, 16)],
+                               [want[s] for s in range(11, 16)], atol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  from lm import data as lm_data
+  real = lm_data.make_train_iter
+
+  class Poisoned:
+    def __init__(self, it):
+      self.it, self.n = it, 0
+    def __next__(self):
+      batch = dict(next(self.it))
+      self.n += 1
+      if self.n == 8:  # the batch of step 8 carries a NaN weight
+        batch['weights'] = batch['weights'] * np.nan
+      return batch
+    def get_state(self):
+      return self.it.get_state()
+    def set_state(self, s):
+      self.it.set_state(s)
+
+  monkeypatch.setattr(lm_data, 'make_train_iter', lambda *a, **k: Poisoned(real(*a, **k)))
+  c = tiny_config(data_dir)
+  with pytest.raises(FloatingPointError, match='step 8'):
+    trainer.train(c, tmp_path / 'run', log=lambda s: None)
+  ckpt = ckpt_lib.Checkpointer(tmp_path / 'run', c.checkpoint)
+  assert ckpt.latest_step() == 5
+  _, params, _ = ckpt_lib.load_inference_run(tmp_path / 'run')
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_unknown_config_key_is_rejected_with_neighbours():
+  c = base_config()
+  with pytest.raises((KeyError, AttributeError)):
+    c.train.stpes = 5  # locked
+  from ml_collections import ConfigDict
+  bad = ConfigDict({'train': {'stpes': 5}})
+  with pytest.raises(KeyError, match=r"train\.steps"):
+    check_keys(bad)
+
+
+def script_env(devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = str(ROOT)
+  return env
+
+
+def run_script(args, devices=1, **kw):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=script_env(devices),
+                        capture_output=True, text=True, **kw)
+
+
+def test_cli_override_and_unknown_key(data_dir, tmp_path):
+  bad = run_script(['scripts/train.py', '--config=configs/tiny_gpt2.py',
+                    f'--workdir={tmp_path}/w', '--config.train.stpes=3'])
+  assert bad.returncode != 0
+  assert 'stpes' in bad.stderr + bad.stdout
+  good = run_script(['scripts/train.py', '--config=configs/tiny_gpt2.py', f'--workdir={tmp_path}/w',
+                     '--config.train.steps=3', '--config.train.log_every=1',
+                     f'--config.data.data_dir={data_dir}', '--config.model.d_model=32'])
+  assert good.returncode == 0, good.stderr[-3000:]
+  saved = json.loads((tmp_path / 'w' / 'config.json').read_text())
+  assert saved['train']['steps'] == 3 and saved['model']['d_model'] == 32
+
+
+def test_compile_only_reports_memory():
+  out = run_script(['scripts/train.py', '--config=configs/tiny_llama.py', '--compile_only',
+                    '--fake_devices=8', '--config.mesh.data=1', '--config.mesh.fsdp=8'])
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  assert report['total_per_device_bytes'] > 0 and report['num_params'] > 0
+
+
+def wait_for(predicate, timeout=120):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return True
+    time.sleep(0.2)
+  return False
+
+
+def train_cmd(data_dir, workdir, steps, every=2):
+  return ['scripts/train.py', '--config=configs/tiny_gpt2.py', f'--workdir={workdir}',
+          f'--config.train.steps={steps}', '--config.train.log_every=1',
+          f'--config.checkpoint.every_steps={every}', '--config.train.eval_every=0',
+          f'--config.data.data_dir={data_dir}']
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+  work = tmp_path / 'w'
+  proc = subprocess.Popen([sys.executable, *train_cmd(data_dir, work, 100000, every=100000)],
+                          cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  assert wait_for(lambda: (work / 'metrics.jsonl').exists() and
+                  len((work / 'metrics.jsonl').read_text().splitlines()) > 3)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'SIGTERM' in out
+  step = ckpt_lib.Checkpointer(work, None, read_only=True).latest_step()
+  assert step and step >= 3
+
+
+def test_kill_9_during_saves_never_leaves_a_half_checkpoint(data_dir, tmp_path):
+  work = tmp_path / 'w'
+  proc = subprocess.Popen([sys.executable, *train_cmd(data_dir, work, 100000, every=1)],
+                          cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  assert wait_for(lambda: (work / 'metrics.jsonl').exists() and
+                  len((work / 'metrics.jsonl').read_text().splitlines()) > 6)
+  proc.kill()  # SIGKILL while saving every step
+  proc.wait()
+  latest = ckpt_lib.Checkpointer(work, None, read_only=True).latest_step()
+  resumed = run_script(train_cmd(data_dir, work, latest + 2, every=1))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resumed from step {latest}' in resumed.stdout
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+  common = ['scripts/train.py', '--config=configs/tiny_gpt2.py', '--config.train.steps=4',
+            '--config.train.log_every=1', '--config.train.eval_every=0',
+            f'--config.data.data_dir={data_dir}', '--config.checkpoint.async_save=false']
+  single = run_script(common + [f'--workdir={tmp_path}/one'], devices=2)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, *common, f'--workdir={tmp_path}/two',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  one, two = losses_of(tmp_path / 'one'), losses_of(tmp_path / 'two')
+  assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+  np.testing.assert_allclose([one[s] for s in one], [two[s] for s in one], atol=1e-5)
