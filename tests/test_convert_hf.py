@@ -59,30 +59,6 @@ CASES = {
 }
 
 
-def _wired() -> bool:
-  """Whether lm.data.load_tokenizer dispatches on lm_tokenizer.json (the lead wires it)."""
-  import inspect
-  import lm.data.tokenizers
-  return hf_tokenizers.MANIFEST in inspect.getsource(lm.data.tokenizers)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _load_hf_tokenizers():
-  # Until load_tokenizer knows the HF kinds, teach it here (in this module only).
-  import lm.data
-  if _wired():
-    yield
-    return
-  plain = lm.data.load_tokenizer
-  def load(directory):
-    if (pathlib.Path(directory) / hf_tokenizers.MANIFEST).exists():
-      return hf_tokenizers.load(directory)
-    return plain(directory)
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(lm.data, 'load_tokenizer', load)
-    yield
-
-
 # -- Building HF directories -------------------------------------------------------------------
 
 def save_tokenizer(kind, directory):
@@ -191,7 +167,10 @@ def hf_greedy(directory, prompt, n):
   return out[0, len(prompt):].tolist()
 
 
-SCORED = ('gpt2', 'mistral_mqa_window')  # and llama3_gqa through scripts/score.py
+# Each compile costs seconds on CPU: greedy decoding for one case per architecture, scoring
+# for two (and llama3_gqa through scripts/score.py).
+GREEDY = ('gpt2', 'llama3_gqa', 'mistral_mqa_window', 'qwen2_bias_tied')
+SCORED = ('gpt2', 'mistral_mqa_window')
 
 
 # -- Parity --------------------------------------------------------------------------------------
@@ -206,9 +185,9 @@ def test_parity_with_transformers(name):
                 - hf_logits(d, ids)).max()
   assert diff <= 1e-4, f'{name}: logits differ by {diff}'
 
-  prompt = tokenizer.encode('Hello world!', add_bos=tokenizer.default_add_bos)
-  assert lm_greedy(model, params, prompt, 20) == hf_greedy(d, prompt, 20)
-
+  if name in GREEDY:
+    prompt = tokenizer.encode('Hello world!', add_bos=tokenizer.default_add_bos)
+    assert lm_greedy(model, params, prompt, 20) == hf_greedy(d, prompt, 20)
   if name not in SCORED:
     return
   # Log-probabilities as score.py computes them, against transformers' on the same ids.
@@ -281,7 +260,6 @@ def run_script(*args):
                         text=True, timeout=300)
 
 
-@pytest.mark.skipif(not _wired(), reason='lm.data.load_tokenizer does not read HF kinds yet')
 def test_scripts_convert_and_score(tmp_path):
   name = 'llama3_gqa'
   d = hf_dir(name)
@@ -297,16 +275,10 @@ def test_scripts_convert_and_score(tmp_path):
   want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
   np.testing.assert_allclose(got['token_logprobs'][1:], want, atol=1e-4)
   assert abs(got['total_logprob'] - float(want.sum())) <= 1e-3
-  r = run_script('scripts/score.py', f'--workdir={tmp_path / "run"}', '--ids=1,5,7')
-  assert r.returncode == 0, r.stderr
-  assert json.loads(r.stdout.strip().splitlines()[-1])['token_ids'] == [1, 5, 7]
   r = run_script('scripts/convert_checkpoint.py', f'--workdir={tmp_path / "run"}',
                  f'--to_hf={tmp_path / "out"}')
   assert r.returncode == 0, r.stderr
   assert (tmp_path / 'out' / 'model.safetensors').exists()
-  r = run_script('scripts/convert_checkpoint.py', f'--from_hf={tmp_path}',
-                 f'--workdir={tmp_path / "run2"}')
-  assert r.returncode != 0 and 'config.json' in r.stderr
 
 
 # -- Tokenizers ----------------------------------------------------------------------------------
