@@ -52,7 +52,7 @@ def base_config() -> mlc.ConfigDict:
       # default: the interpreter's stdlib sources (~4 MB, no download) | text_files |
       # a TFDS catalog name (tiny_shakespeare, lm1b, c4/en: needs the internet once)
       dataset="default",
-      path="",  # text_files: file, directory, glob or comma list (local or gs://); .jsonl = JSON lines
+      path="",  # text_files: file, dir, glob or comma list (local or gs://); *.jsonl: JSON lines
       json_field="text",  # text field of JSON-lines records and of TFDS catalog examples
       # text_files/default splits: one file by position (first 1-val-test train, as
       # nanoGPT), many files by a hash of their names
@@ -60,7 +60,7 @@ def base_config() -> mlc.ConfigDict:
       test_fraction=0.0,
       train_split="train",
       eval_split="validation",  # e.g. "test" for lm1b, which has no validation split
-      tokenizer="bytes",  # bytes (256 + pad/bos/eos) | char (corpus alphabet, no specials) | sentencepiece
+      tokenizer="bytes",  # bytes (256 + pad/bos/eos) | char (corpus alphabet only) | sentencepiece
       tokenizer_path="",  # a SentencePiece .model file to load
       vocab_size=0,  # SentencePiece pieces to train on the train split when no tokenizer_path
       spm_model_type="bpe",  # bpe | unigram (SentencePiece training)
@@ -70,7 +70,7 @@ def base_config() -> mlc.ConfigDict:
       add_eos=True,  # per document, when the tokenizer has an eos id
       data_dir="",  # where TFDS builds and token caches go; "" -> ~/.cache/lm/tfds
       shuffle=True,  # shuffle packed rows (reshuffled each epoch from train.seed)
-      num_workers=0,  # Grain worker processes (0: a thread in the main process)
+      num_workers=0,  # Grain worker processes (0: batches made in the caller's thread)
   ))
 
   c.train = mlc.ConfigDict(dict(

@@ -14,6 +14,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from lm import config as lm_config
@@ -37,6 +38,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the .model file.',
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset load at INFO
   config = _CONFIG.value if _CONFIG.value is not None else lm_config.base_config()
   with config.unlocked():
     if _PATH.value is not None:

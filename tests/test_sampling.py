@@ -76,10 +76,14 @@ def test_stops_at_eos():
   assert out == free[:free.index(eos) + 1]
 
 
-def test_prompt_too_long_for_learned_positions():
+def test_learned_positions_slide_past_the_context():
   model, params = model_and_params('gpt2')
+  out = sampling.generate(model, params, [[1] * 40], max_new_tokens=30, temperature=0.0)[0]
+  assert len(out) == 30
+  # Until the context is full (8 tokens here) it is exact greedy decoding.
+  assert out[:8] == greedy_by_recomputation(model, params, [1] * 40, 8)
   with pytest.raises(ValueError, match='context'):
-    sampling.generate(model, params, [[1] * 40], max_new_tokens=20)
+    sampling.generate(model, params, [[1] * 40, [2]], max_new_tokens=20)
 
 
 def test_sample_script_bad_workdir(tmp_path):

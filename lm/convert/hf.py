@@ -395,7 +395,7 @@ def _make(rule: Rule, index: int, infos: dict, shape) -> np.ndarray:
   if not rule.hf:
     return np.zeros(shape, F32)
   xs = [st.read_tensor(infos[name]).astype(F32, copy=False) for name in rule.hf]
-  return np.ascontiguousarray(rule.to_lm(*xs)[index], dtype=F32)
+  return rule.to_lm(*xs)[index]  # maybe a transposed view: tensorstore copies it chunkwise
 
 
 def _stack(parts: list[LazyTensor]) -> np.ndarray:
@@ -539,30 +539,13 @@ def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None
   budget = max(64 << 20, sum(sizes.values()) // 20)
   reader = lazy.ParamReader(workdir, step)
   batch, batch_bytes = [], 0
-  for key, group in list(groups.items()) + [(None, None)]:
-    if key is not None:
-      batch.append((key, group))
-      batch_bytes += sum(4 * math.prod(shapes[p]) for r in group for p in r.lm)
-      if batch_bytes < budget:
-        continue
-    if not batch:
-      break
-    arrays = reader.read(sorted({p for k, _ in batch for p in k}))
-    for _, group in batch:
-      for r in group:
-        xs = []
-        for p in r.lm:
-          where, layer = _stored(p, scan)
-          xs.append(arrays[where] if layer is None else arrays[where][layer])
-        if not r.hf:
-          if np.any(xs[0]):
-            raise ValueError(f'Param {r.lm[0]} is not zero, but {arch} has no such tensor: '
-                             'export with an --hf_arch that has it (LlamaForCausalLM has '
-                             'attention_bias and mlp_bias).')
-          continue
-        for name, x in zip(r.hf, r.to_hf(*xs)):
-          file_of[name].write(name, np.asarray(x).astype(out_dtype))
-    batch, batch_bytes, arrays = [], 0, None
+  for i, (leaves, group) in enumerate(groups.items()):
+    batch.append((leaves, group))
+    batch_bytes += sum(4 * math.prod(shapes[p]) for r in group for p in r.lm)
+    if batch_bytes >= budget or i == len(groups) - 1:
+      _export_batch(reader, batch, scan, arch, out_dtype, file_of)
+      batch, batch_bytes = [], 0
+      lazy.trim_memory()
   reader.close()
   for w in writers:
     w.close()
@@ -574,6 +557,23 @@ def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None
   (out / 'config.json').write_text(json.dumps(hf, indent=2, sort_keys=True))
   _export_tokenizer(workdir, out)
   return hf
+
+
+def _export_batch(reader, batch, scan: bool, arch: str, dtype, file_of) -> None:
+  """Restores the leaves of a batch of rule groups and writes their HF tensors."""
+  arrays = reader.read(sorted(set().union(*(leaves for leaves, _ in batch))))
+  for _, group in batch:
+    for r in group:
+      xs = [arrays[where] if layer is None else arrays[where][layer]
+            for where, layer in (_stored(p, scan) for p in r.lm)]
+      if not r.hf:
+        if np.any(xs[0]):
+          raise ValueError(f'Param {r.lm[0]} is not zero, but {arch} has no such tensor: '
+                           'export with an --hf_arch that has it (LlamaForCausalLM has '
+                           'attention_bias and mlp_bias).')
+        continue
+      for name, x in zip(r.hf, r.to_hf(*xs)):
+        file_of[name].write(name, np.asarray(x).astype(dtype, copy=False))
 
 
 def _export_tokenizer(workdir, out) -> None:

@@ -4,15 +4,19 @@ Orbax's own numpy handler copies every array before writing and writes them all 
 once, so saving a tree costs twice its size. A `LazyTensor` leaf instead holds a
 function that makes its array; the handler below calls it when the array is due and
 writes one array at a time, in the same format as a numpy leaf, so
-`lm.train.checkpoint.load_inference_run` restores it like any other run.
+`lm.train.checkpoint.load_inference_run` restores it like any other run. Small zarr
+chunks and handing freed memory back to the OS after each array keep the peak near
+the libraries plus the largest tensor or two.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
 from typing import Callable
 
+import jax
 import numpy as np
 from absl import logging
 import orbax.checkpoint as ocp
@@ -40,6 +44,17 @@ class LazyTensor:
     return x
 
 
+CHUNK_BYTES = 16 << 20  # zarr chunks: smaller compression buffers while writing
+
+
+def trim_memory() -> None:
+  """Returns freed heap memory to the OS: glibc keeps what tensorstore's threads freed."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    pass
+
+
 class _LazyHandler(type_handlers.NumpyHandler):
   """Makes and writes the arrays one by one; the checkpoint reads back as numpy arrays."""
 
@@ -49,6 +64,7 @@ class _LazyHandler(type_handlers.NumpyHandler):
     async def write_one_by_one():
       for value, info, arg in zip(values, infos, args):
         await self._background_serialize([value()], [info], [arg])
+        trim_memory()
 
     return [future.CommitFutureAwaitingContractedSignals(write_one_by_one(), name='lazy_tensor')]
 
@@ -71,8 +87,10 @@ def save_run(workdir, lazy_params, config, tokenizer, step: int = 0) -> None:
   from lm.train import checkpoint
   checkpoint.write_run_files(workdir, config, tokenizer)
   ckpt = checkpoint.Checkpointer(workdir, None)
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), lazy_params,
+                           is_leaf=lambda x: isinstance(x, LazyTensor))
   ckpt.manager.save(step, force=True, args=ocp.args.Composite(
-      params=ocp.args.PyTreeSave(lazy_params),
+      params=ocp.args.PyTreeSave(lazy_params, save_args=save_args),
       config=ocp.args.JsonSave(json.loads(checkpoint.config_to_json(config)))))
   ckpt.close()
 
@@ -104,6 +122,7 @@ class ParamReader:
     out = self.ckpt.manager.restore(self.step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
         item=target, restore_args=args, partial_restore=True)}))[item]
     out = out['params'] if self.train_state else out
+    trim_memory()  # tensorstore's read buffers, before the caller's copies
     result = {}
     for path in paths:
       node = out

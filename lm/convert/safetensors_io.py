@@ -21,6 +21,7 @@ DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dt
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 INDEX = 'model.safetensors.index.json'
 SINGLE = 'model.safetensors'
+BLOCK_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,12 @@ class Writer:
       raise ValueError(f'{name}: got {array.dtype}{list(array.shape)}, planned '
                        f'{h["dtype"]}{h["shape"]}.')
     self.f.seek(self.base + h['data_offsets'][0])
-    self.f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    if array.ndim == 0:
+      array = array.reshape(1)
+    # Blocks of rows: a transposed view is copied a block at a time, not whole.
+    rows = max(1, BLOCK_BYTES // max(1, array[0].nbytes))
+    for i in range(0, array.shape[0], rows):
+      self.f.write(np.ascontiguousarray(array[i:i + rows]).reshape(-1).view(np.uint8).data)
     self.pending.discard(name)
 
   def close(self) -> None:

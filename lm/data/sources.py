@@ -370,10 +370,15 @@ def _iter_source_texts(builder, split: str, field: str, chunk: int = 512) -> Ite
       yield value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value)
 
 
+def _text_field(config) -> str:
+  """Our builders store `text`; catalog datasets name it (data.json_field)."""
+  return 'text' if config.data.dataset in ('default', 'text_files') else config.data.json_field
+
+
 def iter_texts(config, split: str | None = None) -> Iterator[str]:
   """The documents of one split, or of every split when split is None, in order."""
   builder = get_builder(config)
-  field = 'text' if config.data.dataset in ('default', 'text_files') else config.data.json_field
+  field = _text_field(config)
   for s in _splits(builder, split):
     yield from _iter_source_texts(builder, s, field)
 
@@ -409,7 +414,7 @@ def load_tokens(config, tokenizer, split: str) -> tuple[np.ndarray, np.ndarray]:
   tokens_path, offsets_path = cache / f'{split}.tokens.npy', cache / f'{split}.offsets.npy'
   if tokens_path.exists() and offsets_path.exists():
     return _load_npy(tokens_path), _load_npy(offsets_path)
-  field = 'text' if config.data.dataset in ('default', 'text_files') else config.data.json_field
+  field = _text_field(config)
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
   pieces, lengths, batch = [], [], []
 

@@ -310,7 +310,9 @@ def build_tokenizer(config) -> Tokenizer:
     if d.vocab_size <= 0:
       raise ValueError('data.tokenizer=sentencepiece needs --config.data.tokenizer_path=FILE.model '
                        'or --config.data.vocab_size=N (pieces to train on the train split).')
-    name = f'spm_{d.spm_model_type}_{d.vocab_size}{"_bf" if d.byte_fallback else ""}.model'
+    key = hashlib.sha256(json.dumps([d.spm_model_type, d.vocab_size, d.byte_fallback,
+                                     symbols]).encode()).hexdigest()[:8]
+    name = f'spm_{d.spm_model_type}_{d.vocab_size}_{key}.model'
     path = sources.dataset_dir(config) / 'tokenizers' / name
     if not path.exists():
       proto = train_sentencepiece(

@@ -80,11 +80,23 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int = 1
     raise ValueError('Every prompt needs at least one token (add a BOS token or some text).')
   cfg = model.cfg
   longest = max(len(p) for p in prompts)
-  if cfg.pos_embedding == 'learned' and longest + max_new_tokens > cfg.max_len:
-    raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds '
-                     f'the model context of {cfg.max_len}; shorten one of them.')
   if top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
     raise ValueError('Need top_k >= 0, 0 < top_p <= 1 and temperature >= 0.')
+  kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+  if cfg.pos_embedding == 'learned' and longest + max_new_tokens > cfg.max_len:
+    # Learned positions end at max_len: slide the context as nanoGPT does, in chunks of
+    # half the context so each chunk still decodes over one KV cache.
+    if eos_id is not None or len(prompts) > 1:
+      raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds '
+                       f'the model context of {cfg.max_len}; shorten one of them.')
+    seq, new, chunk = list(prompts[0]), [], cfg.max_len // 2
+    while len(new) < max_new_tokens:
+      room = cfg.max_len - len(seq)  # use the whole prompt while it still fits
+      n = min(room if room > 0 else chunk, max_new_tokens - len(new))
+      out = generate(model, params, [seq[-(cfg.max_len - n):]], max_new_tokens=n,
+                     seed=seed + len(new), **kw)[0]
+      seq, new = seq + out, new + out
+    return [new]
   tokens = np.full((len(prompts), longest), pad_id, np.int32)
   for i, p in enumerate(prompts):
     tokens[i, longest - len(p):] = p

@@ -97,6 +97,20 @@ class DecoderConfig:
     return cls(**fields, rope_scaling=tuple(sorted(dict(scaling).items())))
 
 
+class Dropout(nn.Module):
+  rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x):
+    from lm.models import layers
+    if layers._EXP['dropout'] == 'hash':
+      if self.deterministic or self.rate == 0.0:
+        return x
+      return layers.dropout_ops.dropout(x, self.rate, self.make_rng('dropout'))
+    return nn.Dropout(self.rate, deterministic=self.deterministic)(x)
+
+
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
   cfg: DecoderConfig
@@ -109,7 +123,7 @@ class Block(nn.Module):
     cfg = self.cfg
     resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
-    drop = nn.Dropout(cfg.resid_dropout, deterministic=self.deterministic)
+    drop = Dropout(cfg.resid_dropout, self.deterministic)
     h = Attention(cfg, resid_std, self.deterministic, self.decode, name='attn')(
         norm('attn_norm')(x_BTD), positions_BT, segment_ids_BT)
     x_BTD = x_BTD + drop(h)
@@ -150,7 +164,7 @@ class Decoder(nn.Module):
       pos_embed = self.param('pos_embed', normal_init(cfg.init_std, ('length', 'embed')),
                              (cfg.max_len, cfg.d_model), jnp.float32)
       x_BTD = x_BTD + jnp.take(pos_embed, positions_BT, axis=0).astype(cfg.compute_dtype)
-    x_BTD = nn.Dropout(cfg.embed_dropout, deterministic=deterministic)(x_BTD)
+    x_BTD = Dropout(cfg.embed_dropout, deterministic)(x_BTD)
     x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
     block = Block

@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lm.ops import attention as attention_ops
+from lm.ops import dropout as dropout_ops
+
 Array = jax.Array
+_EXP = dict(attn='jax', dropout='threefry', qkv='split')  # TEMP: A/B switches
 constrain = nn.with_logical_constraint
 
 
@@ -124,6 +128,11 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
   GQA/MQA are native there (K divides N). Attention dropout needs the probabilities,
   so that one case takes an explicit softmax path.
   """
+  if _EXP['attn'] == 'custom' and implementation != 'cudnn':
+    use = dropout_rate > 0.0 and dropout_rng is not None
+    seed = dropout_ops.seed_from_key(dropout_rng) if use else None
+    return attention_ops.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, seed, is_causal,
+                                   dropout_rate if use else 0.0)
   if dropout_rate > 0.0 and dropout_rng is not None:
     n, k = q_BTNH.shape[2], k_BSKH.shape[2]
     k_BSNH = jnp.repeat(k_BSKH, n // k, axis=2)
@@ -135,7 +144,10 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
       mask_B1TS = jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
     scores = jnp.where(mask_B1TS, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    if _EXP['dropout'] == 'hash':
+      keep = dropout_ops.keep_mask(dropout_ops.seed_from_key(dropout_rng), probs.shape, dropout_rate)
+    else:
+      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v_BSNH.dtype)
     return jnp.einsum('bnts,bsnh->btnh', probs, v_BSNH)
   impl = implementation

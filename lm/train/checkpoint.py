@@ -81,7 +81,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=bool(cc.async_save) if cc else False,
-        create=not read_only, read_only=read_only)
+        create=not read_only)  # (Orbax's read_only mode only adds warnings)
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
