@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (train.py or convert_checkpoint.py).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (train.py, convert_checkpoint.py).')
 _TEXT = flags.DEFINE_string('text', None, 'Text to score.')
 _IDS = flags.DEFINE_string('ids', None, 'Comma-separated token ids to score (instead of --text).')
 _ADD_BOS = flags.DEFINE_bool('add_bos', None, 'Prepend BOS to --text (default: as the '

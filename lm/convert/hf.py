@@ -77,7 +77,8 @@ def _gpt2_to_hf(m: dict, base: dict) -> dict:
            use_bias=True, sliding_window=0)
   if k != n or n * h != d:
     raise ValueError('GPT2LMHeadModel has n_heads * head_dim == d_model and no grouped KV '
-                     f'heads; this model has n_heads={n}, n_kv_heads={k}, head_dim={h}, d_model={d}.')
+                     f'heads; this model has n_heads={n}, n_kv_heads={k}, head_dim={h}, '
+                     f'd_model={d}.')
   return dict(base, architectures=['GPT2LMHeadModel'], model_type='gpt2',
               vocab_size=m['vocab_size'], n_positions=m['max_len'], n_embd=d,
               n_layer=m['n_layers'], n_head=n,
@@ -104,8 +105,8 @@ def _gpt2_rules(m: dict, hf: dict) -> list[Rule]:
                 _one(f'{p}{hf_norm}.bias', f'{q}{lm_norm}/bias')]
     for kind in ('kernel', 'bias'):  # Conv1D weights are [in, out]: no transposes
       hf_kind = 'weight' if kind == 'kernel' else 'bias'
-      rules.append(Rule((f'{p}attn.c_attn.{hf_kind}',),
-                        tuple(f'{q}attn/{x}/{kind}' for x in ('query', 'key', 'value')), split, fuse))
+      qkv = tuple(f'{q}attn/{x}/{kind}' for x in ('query', 'key', 'value'))
+      rules.append(Rule((f'{p}attn.c_attn.{hf_kind}',), qkv, split, fuse))
     rules += [_one(p + 'attn.c_proj.weight', q + 'attn/out/kernel',
                    lambda w: w.reshape(n, h, d), lambda k: k.reshape(n * h, d)),
               _one(p + 'attn.c_proj.bias', q + 'attn/out/bias'),
@@ -140,7 +141,8 @@ def _window(arch: str, hf: dict) -> int:
   if arch == 'Qwen2ForCausalLM':
     w = w if hf.get('use_sliding_window') else 0
     first = hf.get('max_window_layers', 28)
-    types = [('sliding_attention' if w and i >= first else 'full_attention') for i in range(n_layers)]
+    types = [('sliding_attention' if w and i >= first else 'full_attention')
+             for i in range(n_layers)]
   else:
     types = [('sliding_attention' if w else 'full_attention')] * n_layers
   types = hf.get('layer_types') or types
@@ -231,7 +233,8 @@ def _llama_rules(arch: str, m: dict, hf: dict) -> list[Rule]:
   d, n, k, h = _dims(m)
   biases = _biases(arch, hf)
   T = lambda x: x.T
-  rules = [_one('model.embed_tokens.weight', 'embed'), _one('model.norm.weight', 'final_norm/scale')]
+  rules = [_one('model.embed_tokens.weight', 'embed'),
+           _one('model.norm.weight', 'final_norm/scale')]
   if not m['tie_embeddings']:
     rules.append(_one('lm_head.weight', 'lm_head/kernel', T, T))
 
@@ -266,7 +269,7 @@ def _llama_rules(arch: str, m: dict, hf: dict) -> list[Rule]:
 @dataclasses.dataclass(frozen=True)
 class Family:
   to_lm: Callable[[dict], dict]  # config.json -> config.model fields
-  to_hf: Callable[[dict, dict], dict]  # (config.model fields, config.json to start from) -> config.json
+  to_hf: Callable[[dict, dict], dict]  # (config.model fields, config.json to update) -> config.json
   rules: Callable[[dict, dict], list[Rule]]  # (config.model fields, config.json) -> rules
   ignore: str = r'$^'  # HF tensors that are buffers, not weights
   rename: Callable[[str], str] = lambda name: name  # HF tensor name -> the name in the rules
@@ -317,7 +320,8 @@ def read_hf_config(directory) -> dict:
 
 def architecture(hf: dict) -> str:
   archs = hf.get('architectures') or []
-  arch = archs[0] if archs else {v: a for a, v in MODEL_TYPES_BY_ARCH.items()}.get(hf.get('model_type'))
+  by_type = {t: a for a, t in MODEL_TYPES_BY_ARCH.items()}
+  arch = archs[0] if archs else by_type.get(hf.get('model_type'))
   if arch not in ARCHS:
     raise ValueError(f'Unsupported architecture {arch or hf.get("model_type")!r}; supported: '
                      f'{", ".join(ARCHS)}.')
@@ -462,13 +466,15 @@ def convert_from_hf(directory, workdir, scan_layers: bool = False, step: int = 0
   """Writes an lm run directory (checkpoint, config, tokenizer) from a HF model directory."""
   from lm.config import base_config, resolve
   from lm.convert import hf_tokenizers, lazy
+  workdir = pathlib.Path(workdir).absolute()
+  if (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir()):
+    raise ValueError(f'{workdir} already holds checkpoints; import into a new --workdir.')
   m, params, hf = import_hf(directory, scan_layers)
   tokenizer = hf_tokenizers.from_hf_dir(directory, hf)
   if tokenizer.vocab_size > m['vocab_size']:
     raise ValueError(f'The tokenizer in {directory} has {tokenizer.vocab_size} ids but the '
                      f'model\'s vocabulary (config.json vocab_size) has {m["vocab_size"]}: '
                      'they do not belong together.')
-  workdir = pathlib.Path(workdir).absolute()
   config = base_config()
   config.model = model_config(m)
   config.model.scan_layers = scan_layers
@@ -483,19 +489,30 @@ def convert_from_hf(directory, workdir, scan_layers: bool = False, step: int = 0
 
 # -- Export ----------------------------------------------------------------------------------
 
-def _shard_names(n: int) -> list[str]:
-  if n == 1:
-    return [st.SINGLE]
-  return [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
+def _shards(sizes: dict[str, int], max_bytes: int) -> dict[str, list[str]]:
+  """File name -> tensor names, in order, each file up to max_bytes (as save_pretrained)."""
+  shards, total = [[]], 0
+  for name, size in sizes.items():
+    if shards[-1] and total + size > max_bytes:
+      shards.append([])
+      total = 0
+    shards[-1].append(name)
+    total += size
+  if len(shards) == 1:
+    return {st.SINGLE: shards[0]}
+  n = len(shards)
+  return {f'model-{i + 1:05d}-of-{n:05d}.safetensors': names for i, names in enumerate(shards)}
 
 
 def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None,
               dtype: str = 'float32', max_shard_bytes: int = 5 * 10**9) -> dict:
-  """Writes a HF model directory that AutoModelForCausalLM.from_pretrained loads; returns config.json."""
+  """Writes a HF model directory for AutoModelForCausalLM.from_pretrained; returns its config."""
   import ml_dtypes
   from lm.convert import lazy
   from lm.train import checkpoint
   workdir, out = pathlib.Path(workdir), pathlib.Path(out_dir)
+  if list(out.glob('*.safetensors*')):  # stale shards or index would mix with the new ones
+    raise ValueError(f'{out} already holds safetensors files; export into a new directory.')
   config = checkpoint.read_config(workdir)
   m = config.model.to_dict()
   scan = m['scan_layers']
@@ -505,82 +522,84 @@ def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None
     raise ValueError(f'Unsupported --hf_arch {arch!r}; supported: {", ".join(ARCHS)}.')
   if base and architecture(base) != arch:  # keep only what does not depend on the layout
     base = {k: base[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id') if k in base}
-  family = ARCHS[arch]
-  hf = family.to_hf(m, base)
+  hf = ARCHS[arch].to_hf(m, base)
+  hf.update(dtype=dtype, torch_dtype=dtype)  # both spellings: transformers >= 5 and older
   out_dtype = np.dtype({'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
                         'float16': np.float16}[dtype])
-  hf.update(dtype=dtype, torch_dtype=dtype)  # both spellings: transformers >= 5 and older
-  rules = family.rules(m, hf)
+  rules = ARCHS[arch].rules(m, hf)
   shapes = lm_shapes(m)
   _check_coverage(rules, shapes)
   specs = hf_shapes(rules, shapes)
-
-  # Shards in rule order, each up to max_shard_bytes.
   sizes = {name: math.prod(s) * out_dtype.itemsize for name, s in specs.items()}
-  shards, total = [[]], 0
-  for name in specs:
-    if shards[-1] and total + sizes[name] > max_shard_bytes:
-      shards.append([])
-      total = 0
-    shards[-1].append(name)
-    total += sizes[name]
-  files = _shard_names(len(shards))
-  out.mkdir(parents=True, exist_ok=True)
-  writers, file_of = [], {}
-  for file, names in zip(files, shards):
-    writers.append(st.Writer(out / file, {n: (specs[n], out_dtype) for n in names}))
-    file_of.update({n: writers[-1] for n in names})
+  shards = _shards(sizes, max_shard_bytes)
 
-  # Rules that read the same stored leaves go together (with scan_layers, all layers of
-  # one kind); small groups are batched up to a budget so Orbax is not called per tensor.
-  groups = {}
-  for r in rules:
-    groups.setdefault(frozenset(_stored(p, scan)[0] for p in r.lm), []).append(r)
-  budget = max(64 << 20, sum(sizes.values()) // 20)
   reader = lazy.ParamReader(workdir, step)
-  batch, batch_bytes = [], 0
-  for i, (leaves, group) in enumerate(groups.items()):
-    batch.append((leaves, group))
-    batch_bytes += sum(4 * math.prod(shapes[p]) for r in group for p in r.lm)
-    if batch_bytes >= budget or i == len(groups) - 1:
-      _export_batch(reader, batch, scan, arch, out_dtype, file_of)
-      batch, batch_bytes = [], 0
-      lazy.trim_memory()
-  reader.close()
-  for w in writers:
-    w.close()
+  try:
+    # Params the architecture lacks must be zero: checked before anything is written.
+    lacking = sorted({_stored(r.lm[0], scan)[0] for r in rules if not r.hf})
+    for path, x in (reader.read(lacking) if lacking else {}).items():
+      if np.any(x):
+        raise ValueError(f'Param {path} is not zero, but {arch} has no such tensor: export '
+                         'with an --hf_arch that has it (LlamaForCausalLM has attention_bias '
+                         'and mlp_bias).')
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {file: st.Writer(out / file, {n: (specs[n], out_dtype) for n in names})
+               for file, names in shards.items()}
+    writer_of = {n: writers[file] for file, names in shards.items() for n in names}
+    # Rules that read the same stored leaves go together (with scan_layers, all layers of
+    # one kind); small groups are batched up to a budget so Orbax is not called per tensor.
+    groups = {}
+    for r in rules:
+      if r.hf:
+        groups.setdefault(frozenset(_stored(p, scan)[0] for p in r.lm), []).append(r)
+    budget = max(64 << 20, sum(sizes.values()) // 20)
+    batch, batch_bytes = [], 0
+    for i, (leaves, group) in enumerate(groups.items()):
+      batch.append((leaves, group))
+      batch_bytes += sum(4 * math.prod(shapes[p]) for r in group for p in r.lm)
+      if batch_bytes >= budget or i == len(groups) - 1:
+        _export_batch(reader, batch, scan, out_dtype, writer_of)
+        batch, batch_bytes = [], 0
+        lazy.trim_memory()
+    for w in writers.values():
+      w.close()
+  finally:
+    reader.close()
 
-  if len(files) > 1:
-    weight_map = {n: f for f, names in zip(files, shards) for n in names}
+  if len(shards) > 1:
+    weight_map = {n: file for file, names in shards.items() for n in names}
     (out / st.INDEX).write_text(json.dumps(
         dict(metadata=dict(total_size=sum(sizes.values())), weight_map=weight_map), indent=2))
+  _export_tokenizer(workdir, out, hf)
   (out / 'config.json').write_text(json.dumps(hf, indent=2, sort_keys=True))
-  _export_tokenizer(workdir, out)
   return hf
 
 
-def _export_batch(reader, batch, scan: bool, arch: str, dtype, file_of) -> None:
+def _export_batch(reader, batch, scan: bool, dtype, writer_of) -> None:
   """Restores the leaves of a batch of rule groups and writes their HF tensors."""
   arrays = reader.read(sorted(set().union(*(leaves for leaves, _ in batch))))
   for _, group in batch:
     for r in group:
       xs = [arrays[where] if layer is None else arrays[where][layer]
             for where, layer in (_stored(p, scan) for p in r.lm)]
-      if not r.hf:
-        if np.any(xs[0]):
-          raise ValueError(f'Param {r.lm[0]} is not zero, but {arch} has no such tensor: '
-                           'export with an --hf_arch that has it (LlamaForCausalLM has '
-                           'attention_bias and mlp_bias).')
-        continue
       for name, x in zip(r.hf, r.to_hf(*xs)):
-        file_of[name].write(name, np.asarray(x).astype(dtype, copy=False))
+        writer_of[name].write(name, np.asarray(x).astype(dtype, copy=False))
 
 
-def _export_tokenizer(workdir, out) -> None:
+def _export_tokenizer(workdir, out, hf: dict) -> None:
+  """Saves a HF tokenizer into out; special ids that config.json lacks come from the run's."""
   from lm.convert import hf_tokenizers
-  tokenizer_dir = workdir / 'tokenizer'
-  if (tokenizer_dir / hf_tokenizers.MANIFEST).exists():
-    hf_tokenizers.load(tokenizer_dir).save(out)
+  from lm.train import checkpoint
+  try:
+    tokenizer = checkpoint.read_tokenizer(workdir)
+  except (FileNotFoundError, ValueError) as e:
+    logging.warning('No tokenizer exported: %s', e)
+    return
+  for name in ('bos', 'eos', 'pad'):
+    if hf.get(f'{name}_token_id') is None:
+      hf[f'{name}_token_id'] = getattr(tokenizer, f'{name}_id', None)
+  if tokenizer.kind in hf_tokenizers.KINDS:
+    tokenizer.save(out)
   else:
-    logging.warning('The run\'s tokenizer (%s) is not a Hugging Face one: %s gets no tokenizer '
-                    'files.', tokenizer_dir, out)
+    logging.warning('The run\'s tokenizer (kind %s) has no Hugging Face form: %s gets no '
+                    'tokenizer files.', tokenizer.kind, out)

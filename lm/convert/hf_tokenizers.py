@@ -35,7 +35,8 @@ def _json(path: pathlib.Path) -> dict:
 def _resolve_specials(directory, token_to_id, hf_config: dict | None, found: dict) -> dict:
   """Special ids and BOS/EOS defaults as the HF tokenizer config says; `found` fills gaps."""
   d = pathlib.Path(directory)
-  cfg, smap, hf_config = _json(d / 'tokenizer_config.json'), _json(d / 'special_tokens_map.json'), hf_config or {}
+  cfg, smap = _json(d / 'tokenizer_config.json'), _json(d / 'special_tokens_map.json')
+  hf_config = hf_config or {}
   out = dict(found)
   for name in ('pad', 'bos', 'eos', 'unk'):
     token = cfg.get(f'{name}_token') or smap.get(f'{name}_token')
@@ -134,10 +135,11 @@ class HFSentencePieceTokenizer(_HFFiles, SentencePieceTokenizer):
     super().__init__((self.directory / 'tokenizer.model').read_bytes(), user_symbols)
     if specials is None:
       sp = self.sp
-      to_id = lambda t: (None if sp.is_unknown(sp.piece_to_id(t)) and t != sp.id_to_piece(sp.unk_id())
-                         else sp.piece_to_id(t))
+      unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
+      to_id = lambda t: None if sp.is_unknown(sp.piece_to_id(t)) and t != unk else sp.piece_to_id(t)
+      # Without a tokenizer_config.json: LlamaTokenizer's defaults (BOS, no EOS).
       found = dict(pad_id=self.pad_id, bos_id=self.bos_id, eos_id=self.eos_id, unk_id=self.unk_id,
-                   default_add_bos=self.bos_id is not None, default_add_eos=False)  # LlamaTokenizer's
+                   default_add_bos=self.bos_id is not None, default_add_eos=False)
       specials = _resolve_specials(self.directory, to_id, hf_config, found)
     self._set_specials(specials)
 

@@ -75,13 +75,6 @@ type_handlers.register_type_handler(LazyTensor, _LazyHandler(), override=True)
 logging.set_verbosity(_verbosity)
 
 
-def materialize(tree):
-  """The same tree with every LazyTensor made (for tests and small models)."""
-  if isinstance(tree, dict):
-    return {k: materialize(v) for k, v in tree.items()}
-  return tree() if isinstance(tree, LazyTensor) else tree
-
-
 def save_run(workdir, lazy_params, config, tokenizer, step: int = 0) -> None:
   """What `save_inference_run` writes, with the params streamed (see the module doc)."""
   from lm.train import checkpoint
@@ -119,8 +112,8 @@ class ParamReader:
     item = 'state' if self.train_state else 'params'
     if self.train_state:
       target, args = {'params': target}, {'params': args}
-    out = self.ckpt.manager.restore(self.step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
-        item=target, restore_args=args, partial_restore=True)}))[item]
+    restore = ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True)
+    out = self.ckpt.manager.restore(self.step, args=ocp.args.Composite(**{item: restore}))[item]
     out = out['params'] if self.train_state else out
     trim_memory()  # tensorstore's read buffers, before the caller's copies
     result = {}

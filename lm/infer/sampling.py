@@ -86,7 +86,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int = 1
   if cfg.pos_embedding == 'learned' and longest + max_new_tokens > cfg.max_len:
     # Learned positions end at max_len: slide the context as nanoGPT does, in chunks of
     # half the context so each chunk still decodes over one KV cache.
-    if eos_id is not None or len(prompts) > 1:
+    if len(prompts) > 1:
       raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds '
                        f'the model context of {cfg.max_len}; shorten one of them.')
     seq, new, chunk = list(prompts[0]), [], cfg.max_len // 2
@@ -96,6 +96,8 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int = 1
       out = generate(model, params, [seq[-(cfg.max_len - n):]], max_new_tokens=n,
                      seed=seed + len(new), **kw)[0]
       seq, new = seq + out, new + out
+      if eos_id is not None and eos_id in out:
+        return [new[:new.index(eos_id) + 1]]
     return [new]
   tokens = np.full((len(prompts), longest), pad_id, np.int32)
   for i, p in enumerate(prompts):
