@@ -175,6 +175,15 @@ GREEDY = ('gpt2', 'llama3_gqa', 'mistral_mqa_window', 'qwen2_bias_tied')
 SCORED = ('gpt2',)
 
 
+def assert_same_tensors(dir_a, dir_b):
+  a = {k: st.read_tensor(v) for k, v in st.index_directory(dir_a).items()}
+  b = {k: st.read_tensor(v) for k, v in st.index_directory(dir_b).items()}
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype, k
+    np.testing.assert_array_equal(a[k].astype(np.float32), b[k].astype(np.float32), err_msg=k)
+
+
 # -- Parity --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', list(CASES))
@@ -208,11 +217,7 @@ def test_round_trip_gives_the_original_tensors(name, tmp_path):
   workdir = imported(name)[0]
   out = tmp_path / 'hf'
   hf.export_hf(workdir, out)
-  original = {k: st.read_tensor(v) for k, v in st.index_directory(d).items()}
-  exported = {k: st.read_tensor(v) for k, v in st.index_directory(out).items()}
-  assert sorted(original) == sorted(exported)
-  for k in original:
-    np.testing.assert_array_equal(original[k], exported[k], err_msg=k)
+  assert_same_tensors(d, out)
   # config.json keeps every field (and adds the spellings older transformers read).
   cfg_in, cfg_out = (json.loads((x / 'config.json').read_text()) for x in (d, out))
   assert {k: v for k, v in cfg_out.items() if k in cfg_in} == cfg_in
@@ -234,11 +239,7 @@ def test_scanned_layers_import_and_export(tmp_path):
   assert np.abs(np.asarray(logits) - hf_logits(hf_dir(name), ids)).max() <= 1e-4
   hf.export_hf(workdir, tmp_path / 'hf', max_shard_bytes=60_000)  # several shards
   assert len(list((tmp_path / 'hf').glob('model-*.safetensors'))) > 1
-  original = {k: st.read_tensor(v) for k, v in st.index_directory(hf_dir(name)).items()}
-  exported = {k: st.read_tensor(v) for k, v in st.index_directory(tmp_path / 'hf').items()}
-  assert sorted(original) == sorted(exported)
-  for k in original:
-    np.testing.assert_array_equal(original[k], exported[k], err_msg=k)
+  assert_same_tensors(hf_dir(name), tmp_path / 'hf')
 
 
 def test_hub_gpt2_layout_in_shards(tmp_path):
@@ -269,11 +270,19 @@ def test_bfloat16_checkpoints_and_exports(tmp_path):
   save_tokenizer('sentencepiece', tmp_path / 'bf16')
   hf.convert_from_hf(tmp_path / 'bf16', tmp_path / 'run')
   hf.export_hf(tmp_path / 'run', tmp_path / 'out', dtype='bfloat16')
-  a = {k: st.read_tensor(v) for k, v in st.index_directory(tmp_path / 'bf16').items()}
-  b = {k: st.read_tensor(v) for k, v in st.index_directory(tmp_path / 'out').items()}
-  assert sorted(a) == sorted(b) and all(b[k].dtype == a[k].dtype for k in a)
-  for k in a:
-    np.testing.assert_array_equal(a[k].astype(np.float32), b[k].astype(np.float32), err_msg=k)
+  assert_same_tensors(tmp_path / 'bf16', tmp_path / 'out')
+
+
+def test_export_from_a_training_checkpoint(tmp_path):
+  """A fine-tuned run holds params inside the training state: export finds them there."""
+  workdir, config, params, tokenizer = imported('llama3_gqa')
+  checkpoint.write_run_files(tmp_path / 'run', config, tokenizer)
+  (tmp_path / 'run' / hf.HF_CONFIG).write_text((workdir / hf.HF_CONFIG).read_text())
+  ckpt = checkpoint.Checkpointer(tmp_path / 'run', None)
+  ckpt.save(7, {'params': params, 'step': np.int32(7)})
+  ckpt.close()
+  hf.export_hf(tmp_path / 'run', tmp_path / 'out')
+  assert_same_tensors(hf_dir('llama3_gqa'), tmp_path / 'out')
 
 
 # -- The scripts ---------------------------------------------------------------------------------

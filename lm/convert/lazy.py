@@ -3,10 +3,10 @@
 Orbax's own numpy handler copies every array before writing and writes them all at
 once, so saving a tree costs twice its size. A `LazyTensor` leaf instead holds a
 function that makes its array; the handler below calls it when the array is due and
-writes one array at a time, in the same format as a numpy leaf, so
-`lm.train.checkpoint.load_inference_run` restores it like any other run. Small zarr
-chunks and handing freed memory back to the OS after each array keep the peak near
-the libraries plus the largest tensor or two.
+writes one array at a time, a few chunks per write, in the same format as a numpy
+leaf, so `lm.train.checkpoint.load_inference_run` restores it like any other run.
+Handing freed memory back to the OS after each array keeps the peak near the
+libraries plus the largest tensor.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import future, type_handlers
+import tensorstore as ts
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,7 +45,7 @@ class LazyTensor:
     return x
 
 
-CHUNK_BYTES = 16 << 20  # zarr chunks: smaller compression buffers while writing
+CHUNK_BYTES = 16 << 20  # zarr chunk size, and about what one write holds
 
 
 def trim_memory() -> None:
@@ -67,6 +68,19 @@ class _LazyHandler(type_handlers.NumpyHandler):
         trim_memory()
 
     return [future.CommitFutureAwaitingContractedSignals(write_one_by_one(), name='lazy_tensor')]
+
+  async def _open_and_write(self, value, tspec, ts_context):
+    # Whole chunks at a time, along the array's outermost axis in memory (the last for a
+    # transposed view): written at once, the store holds a copy of the whole array.
+    t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+    if value.ndim == 0 or value.size == 0:
+      return await t.write(value)
+    axis = 0 if value.flags.c_contiguous or not value.flags.f_contiguous else value.ndim - 1
+    n, step = value.shape[axis], t.chunk_layout.write_chunk.shape[axis]
+    count = max(1, CHUNK_BYTES * n // max(1, value.nbytes) // step) * step
+    for i in range(0, n, count):
+      index = (slice(None),) * axis + (slice(i, min(i + count, n)),)
+      await t[index].write(value[index])
 
 
 _verbosity = logging.get_verbosity()

@@ -302,6 +302,9 @@ def build_tokenizer(config) -> Tokenizer:
   symbols = tuple(d.get('user_symbols', ()))
   if d.tokenizer == 'bytes':
     return ByteTokenizer(symbols)
+  if d.tokenizer in ('hf_tokenizers', 'hf_sentencepiece'):  # imported Hugging Face runs
+    from lm.convert import hf_tokenizers
+    return hf_tokenizers.load(d.tokenizer_path)
   if d.tokenizer == 'char':
     return CharTokenizer.from_texts(sources.iter_texts(config, split=None), symbols)
   if d.tokenizer == 'sentencepiece':

@@ -129,4 +129,4 @@ def sample_text(model, params, tokenizer, prompt: str, **kwargs) -> str:
 
 
 def _wants_bos(tokenizer) -> bool:
-  return bool(getattr(tokenizer, 'add_bos_default', False))
+  return bool(getattr(tokenizer, 'default_add_bos', False))  # e.g. Llama's tokenizer config

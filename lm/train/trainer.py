@@ -226,6 +226,15 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
     tokenizer = ckpt_lib.read_tokenizer(workdir)
   else:
     tokenizer = lm_data.build_tokenizer(config)
+  if latest is not None and not ckpt.has_train_state(latest) and (
+      workdir / ckpt_lib.CONFIG_FILE).exists():
+    # An imported model: its architecture and tokenizer come from the run directory.
+    saved = ckpt_lib.read_config(workdir)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model = saved.model
+      config.data.tokenizer, config.data.tokenizer_path = (saved.data.tokenizer,
+                                                           saved.data.tokenizer_path)
   config = lm_config.resolve(config, tokenizer)
   if latest is not None and (workdir / ckpt_lib.CONFIG_FILE).exists():
     saved = ckpt_lib.read_config(workdir)
