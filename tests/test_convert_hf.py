@@ -436,3 +436,22 @@ def test_nonzero_param_the_architecture_lacks_blocks_export(tmp_path):
         torch.tensor(ids)).logits.numpy()
   want = jit_apply(get_model(config.model))({'params': params}, jnp.asarray(ids))
   assert np.abs(got - np.asarray(want)).max() <= 1e-4
+
+
+def test_fine_tune_an_imported_run(tmp_path, data_dir):
+  """train.py on an imported run starts from its params with its model and tokenizer."""
+  import shutil
+  from lm.config import base_config
+  from lm.train import trainer
+  workdir, config, params, _ = imported('llama3_gqa')
+  run = tmp_path / 'ft'
+  shutil.copytree(workdir, run)
+  c = base_config()  # model fields left at defaults: they come from the run directory
+  c.data.update(dataset='default', data_dir=str(data_dir))
+  c.train.update(steps=2, batch_size=2, log_every=1, eval_every=0)
+  c.checkpoint.update(async_save=False)
+  c.optimizer.update(lr=0.0, min_lr=0.0, warmup_steps=0, weight_decay=0.0)  # lr 0: unchanged
+  out = trainer.train(c, run, log=lambda s: None, devices=jax.devices()[:1])
+  assert out['step'] == 2 and out['config'].model.to_dict() == config.model.to_dict()
+  _, tuned, _ = checkpoint.load_inference_run(run)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), params, tuned)

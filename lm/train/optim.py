@@ -13,7 +13,8 @@ def make_schedule(oc, total_steps: int) -> optax.Schedule:
   decay_steps = max((oc.decay_steps or total_steps) - oc.warmup_steps, 1)
   warmup = optax.linear_schedule(0.0, oc.lr, max(oc.warmup_steps, 1))
   if oc.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(oc.lr, decay_steps, alpha=oc.min_lr / oc.lr)
+    alpha = oc.min_lr / oc.lr if oc.lr else 0.0
+    decay = optax.cosine_decay_schedule(oc.lr, decay_steps, alpha=alpha)
   elif oc.schedule == 'linear':
     decay = optax.linear_schedule(oc.lr, oc.min_lr, decay_steps)
   elif oc.schedule == 'inverse_sqrt':
