@@ -48,8 +48,7 @@ def main(argv):
   for i in range(_WARMUP.value):
     state, metrics = setup.train_step(state, batches[i % 4])
   jax.block_until_ready((state, metrics))
-  peak, how = flops.peak_flops_per_sec()
-  peak *= len(setup.mesh.devices.flat)
+  peak, how = flops.mesh_peak_flops_per_sec(setup.mesh)
   start = time.perf_counter()
   for i in range(_STEPS.value):
     state, metrics = setup.train_step(state, batches[i % 4])

@@ -30,16 +30,16 @@ def main(argv):
   if _FAKE_DEVICES.value:
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', _FAKE_DEVICES.value)
-  from lm.train import partitioning
-  partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                            _PROCESS_ID.value)
   from lm import config as lm_config
-  from lm.train import trainer
+  from lm.train import partitioning
   config = _CONFIG.value
   try:
     lm_config.check_keys(config)
   except KeyError as e:
     sys.exit(str(e.args[0]))
+  partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                            _PROCESS_ID.value)
+  from lm.train import trainer
   if _COMPILE_ONLY.value:
     if config.model.vocab_size == 0:
       config = lm_config.resolve(config)

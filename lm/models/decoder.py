@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm.ops import dropout as dropout_ops
 from lm.models.layers import Attention, Linear, Mlp, Norm, constrain, normal_init
 
 Array = jax.Array
@@ -98,17 +99,15 @@ class DecoderConfig:
 
 
 class Dropout(nn.Module):
+  """Dropout with a hashed mask (lm/ops/dropout.py): threefry bits are slow on CPU."""
   rate: float
   deterministic: bool
 
   @nn.compact
   def __call__(self, x):
-    from lm.models import layers
-    if layers._EXP['dropout'] == 'hash':
-      if self.deterministic or self.rate == 0.0:
-        return x
-      return layers.dropout_ops.dropout(x, self.rate, self.make_rng('dropout'))
-    return nn.Dropout(self.rate, deterministic=self.deterministic)(x)
+    if self.deterministic or self.rate == 0.0:
+      return x
+    return dropout_ops.dropout(x, self.rate, self.make_rng('dropout'))
 
 
 class Block(nn.Module):

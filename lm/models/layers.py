@@ -15,10 +15,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from lm.ops import attention as attention_ops
+from lm.ops import activations as activation_ops
 from lm.ops import dropout as dropout_ops
+from lm.ops import norms as norm_ops
 
 Array = jax.Array
-_EXP = dict(attn='jax', dropout='threefry', qkv='split')  # TEMP: A/B switches
 constrain = nn.with_logical_constraint
 
 
@@ -66,16 +67,14 @@ class Norm(nn.Module):
     d = x.shape[-1]
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
                        (d,), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    if self.kind == 'layernorm':
-      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    elif self.kind != 'rmsnorm':
+    if self.kind not in ('layernorm', 'rmsnorm'):
       raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
-    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps) * scale
+    bias = None
     if self.kind == 'layernorm' and self.use_bias:
-      y = y + self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
-                         (d,), jnp.float32)
-    return y.astype(self.dtype)
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                        (d,), jnp.float32)
+    # A hand-written VJP (lm/ops/norms.py): XLA's CPU autodiff of the norm is ~2x slower.
+    return norm_ops.norm(x, scale, bias, self.kind == 'layernorm', self.eps).astype(self.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> Array:
@@ -123,38 +122,26 @@ def attention_mask(q_pos_BT: Array, k_pos_BS: Array, q_seg_BT: Array, k_seg_BS: 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
                           implementation: str, dropout_rate: float = 0.0,
                           dropout_rng=None) -> Array:
-  """Attention through jax.nn.dot_product_attention (XLA or cuDNN flash attention).
+  """softmax(q k / sqrt(H), masked) v; GQA/MQA native (K divides N).
 
-  GQA/MQA are native there (K divides N). Attention dropout needs the probabilities,
-  so that one case takes an explicit softmax path.
+  'xla' is lm/ops/attention.py (a hand-written VJP, hashed dropout, causal query blocks
+  that skip the masked upper triangle); 'cudnn' is flash attention through
+  jax.nn.dot_product_attention (no dropout there: with attention dropout it falls back
+  to 'xla'); 'auto' picks cuDNN on a GPU with 16-bit inputs. is_causal: keys after each
+  query are masked too (they may also be masked in mask_B1TS).
   """
-  if _EXP['attn'] == 'custom' and implementation != 'cudnn':
-    use = dropout_rate > 0.0 and dropout_rng is not None
-    seed = dropout_ops.seed_from_key(dropout_rng) if use else None
-    return attention_ops.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, seed, is_causal,
-                                   dropout_rate if use else 0.0)
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    n, k = q_BTNH.shape[2], k_BSKH.shape[2]
-    k_BSNH = jnp.repeat(k_BSKH, n // k, axis=2)
-    v_BSNH = jnp.repeat(v_BSKH, n // k, axis=2)
-    scores = jnp.einsum('btnh,bsnh->bnts', q_BTNH, k_BSNH).astype(jnp.float32)
-    scores = scores / math.sqrt(q_BTNH.shape[-1])
-    if mask_B1TS is None:
-      t, s = scores.shape[-2:]
-      mask_B1TS = jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
-    scores = jnp.where(mask_B1TS, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if _EXP['dropout'] == 'hash':
-      keep = dropout_ops.keep_mask(dropout_ops.seed_from_key(dropout_rng), probs.shape, dropout_rate)
-    else:
-      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v_BSNH.dtype)
-    return jnp.einsum('bnts,bsnh->btnh', probs, v_BSNH)
   impl = implementation
-  if impl == 'auto':  # cuDNN flash attention wants a GPU and 16-bit inputs
+  if impl == 'auto':
     impl = 'cudnn' if jax.default_backend() == 'gpu' and q_BTNH.dtype == jnp.bfloat16 else 'xla'
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
-                                      is_causal=is_causal, implementation=impl)
+  if impl not in ('xla', 'cudnn'):
+    raise ValueError(f"model.attention must be 'xla', 'cudnn' or 'auto', got {implementation!r}")
+  use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+  if impl == 'cudnn' and not use_dropout:
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
+                                        is_causal=is_causal, implementation='cudnn')
+  seed = dropout_ops.seed_from_key(dropout_rng) if use_dropout else None
+  return attention_ops.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, seed, is_causal,
+                                 dropout_rate if use_dropout else 0.0)
 
 
 class Attention(nn.Module):
@@ -191,7 +178,7 @@ class Attention(nn.Module):
       else:
         idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask_B1TS = attention_mask(idx_BT, idx_BT, seg_BT, seg_BT, cfg.sliding_window)
-        is_causal = False
+        is_causal = True  # already in the mask; lets attention skip the upper triangle
 
     use_dropout = cfg.attn_dropout > 0.0 and not self.deterministic
     out_BTNH = dot_product_attention(
@@ -246,8 +233,7 @@ class Mlp(nn.Module):
       up_BTF = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi_1')(x_BTD)
       h_BTF = jax.nn.silu(gate_BTF) * up_BTF
     elif cfg.mlp == 'gelu':
-      h_BTF = jax.nn.gelu(dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi')(x_BTD),
-                          approximate=True)
+      h_BTF = activation_ops.gelu_tanh(dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi')(x_BTD))
     else:
       raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
     h_BTF = constrain(h_BTF, ('batch', 'length', 'act_mlp'))

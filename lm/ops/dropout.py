@@ -29,16 +29,21 @@ def seed_from_key(rng) -> Array:
   return jax.random.bits(rng, (2,), jnp.uint32)
 
 
-def keep_mask(seed: Array, shape: tuple[int, ...], rate: float) -> Array:
-  """Bernoulli(1 - rate) mask of `shape`; element i keeps iff hash(i, seed) >= rate * 2^32."""
-  idx = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for ax in range(len(shape) - 1, -1, -1):  # row-major flat index (wraps past 2^32 elements)
-    idx = idx + lax.broadcasted_iota(jnp.uint32, shape, ax) * jnp.uint32(stride & 0xFFFFFFFF)
-    stride *= shape[ax]
+def keep_mask_at(seed: Array, idx: Array, rate: float) -> Array:
+  """Bernoulli(1 - rate) per uint32 index: keep iff hash(idx, seed) >= rate * 2^32."""
   bits = _mix32(_mix32(idx + seed[0]) ^ seed[1])
   threshold = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
   return bits >= jnp.uint32(threshold)
+
+
+def keep_mask(seed: Array, shape: tuple[int, ...], rate: float) -> Array:
+  """keep_mask_at over the row-major flat index of `shape` (wrapping past 2^32 elements)."""
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for ax in range(len(shape) - 1, -1, -1):
+    idx = idx + lax.broadcasted_iota(jnp.uint32, shape, ax) * jnp.uint32(stride & 0xFFFFFFFF)
+    stride *= shape[ax]
+  return keep_mask_at(seed, idx, rate)
 
 
 def dropout(x: Array, rate: float, rng) -> Array:

@@ -39,7 +39,7 @@ def flops_per_token(model, seq_len: int | None = None) -> float:
   return 6.0 * matmul_params(model) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim_ * t
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+def measure_matmul_peak(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
   """Best-of-`repeats` FLOP/s of an n x n dense matmul on the default device."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
@@ -62,3 +62,16 @@ def peak_flops_per_sec(device=None) -> tuple[float, str]:
         return peak, f'spec sheet ({name})'
     return measure_matmul_peak(8192, dtype=jnp.bfloat16), f'timed bf16 matmul ({kind})'
   return measure_matmul_peak(), 'timed float32 matmul (cpu)'
+
+
+def mesh_peak_flops_per_sec(mesh) -> tuple[float, str]:
+  """(peak, how) of all the mesh's devices together.
+
+  CPU devices of one process (--xla_force_host_platform_device_count) share its cores,
+  and the timed matmul already uses them all: count each process once, not each device.
+  """
+  devices = list(mesh.devices.flat)
+  peak, how = peak_flops_per_sec(devices[0])
+  if devices[0].platform == 'cpu':
+    return peak * len({d.process_index for d in devices}), how
+  return peak * len(devices), how

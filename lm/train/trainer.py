@@ -266,8 +266,7 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
   steps = config.train.steps
   num_params = models.count_params(state['params'])
   flops_per_token = flops_lib.flops_per_token(setup.model)
-  peak, peak_how = flops_lib.peak_flops_per_sec()
-  peak_total = peak * len(setup.mesh.devices.flat)
+  peak_total, peak_how = flops_lib.mesh_peak_flops_per_sec(setup.mesh)
   writer = metrics_lib.MetricsWriter(workdir, steps, start)
   if start == 0 or not writer.path.exists():
     writer.write({'step': start, 'num_params': num_params,

@@ -1,0 +1,107 @@
+"""lm/ops: each hand-written kernel against the plain JAX formulation, values and gradients."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm.ops import activations, attention, dropout, norms
+
+
+def reference_attention(q_BTNH, k_BSKH, v_BSKH, allowed_B1TS, keep_BNTS=None, rate=0.0):
+  n, k = q_BTNH.shape[2], k_BSKH.shape[2]
+  k_BSNH, v_BSNH = (jnp.repeat(x, n // k, axis=2) for x in (k_BSKH, v_BSKH))
+  scores = jnp.einsum('btnh,bsnh->bnts', q_BTNH, k_BSNH) / math.sqrt(q_BTNH.shape[-1])
+  probs = jax.nn.softmax(jnp.where(allowed_B1TS, scores, -1e30), axis=-1)
+  if keep_BNTS is not None:
+    probs = jnp.where(keep_BNTS, probs / (1.0 - rate), 0.0)
+  return jnp.einsum('bnts,bsnh->btnh', probs, v_BSNH)
+
+
+def qkv(b=2, t=32, s=32, n=4, k=2, h=8, seed=0):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (b, t, n, h)), jax.random.normal(kk, (b, s, k, h)),
+          jax.random.normal(kv, (b, s, k, h)))
+
+
+def causal_allowed(t, s):
+  return jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
+
+
+def check_against_reference(fn, ref, args, atol=2e-5):
+  out, ref_out = fn(*args), ref(*args)
+  np.testing.assert_allclose(out, ref_out, atol=atol)
+  ct = jax.random.normal(jax.random.key(9), out.shape)
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2))(*args)
+  ref_grads = jax.grad(lambda *a: jnp.sum(ref(*a) * ct), argnums=(0, 1, 2))(*args)
+  for g, r in zip(grads, ref_grads):
+    if r is not None:  # None: an absent bias
+      np.testing.assert_allclose(g, r, atol=atol)
+
+
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])  # MHA, GQA, MQA
+@pytest.mark.parametrize('block', [0, 8])  # one block; 4 causal query blocks
+def test_causal_attention_matches_reference(kv_heads, block):
+  q, k, v = qkv(k=kv_heads)
+  fn = lambda q, k, v: attention.attention(q, k, v, None, None, True, 0.0, block)
+  ref = lambda q, k, v: reference_attention(q, k, v, causal_allowed(32, 32))
+  check_against_reference(fn, ref, (q, k, v))
+
+
+def test_masked_attention_with_more_keys_than_queries():
+  """Segment masks and a cache-like S > T (query i sits at key i + S - T)."""
+  q, k, v = qkv(t=16, s=32)
+  seg = jnp.array([[1] * 20 + [2] * 12, [1] * 32])
+  allowed = (seg[:, 16:, None] == seg[:, None, :])[:, None] & causal_allowed(16, 32)
+  for block in (0, 8):
+    fn = lambda q, k, v: attention.attention(q, k, v, allowed, None, True, 0.0, block)
+    ref = lambda q, k, v: reference_attention(q, k, v, allowed)
+    check_against_reference(fn, ref, (q, k, v))
+
+
+@pytest.mark.parametrize('block', [0, 8])
+def test_attention_dropout_uses_one_mask_forward_and_backward(block):
+  q, k, v = qkv()
+  seed, rate = dropout.seed_from_key(jax.random.key(3)), 0.25
+  keep_BNTS = dropout.keep_mask(seed, (2, 4, 32, 32), rate)
+  fn = lambda q, k, v: attention.attention(q, k, v, None, seed, True, rate, block)
+  ref = lambda q, k, v: reference_attention(q, k, v, causal_allowed(32, 32), keep_BNTS, rate)
+  check_against_reference(fn, ref, (q, k, v))
+
+
+def test_dropout_rate_scale_and_determinism():
+  x = jnp.ones((256, 512))
+  y = dropout.dropout(x, 0.2, jax.random.key(0))
+  kept = np.asarray(y != 0)
+  assert abs(kept.mean() - 0.8) < 0.01
+  np.testing.assert_allclose(np.asarray(y)[kept], 1.0 / 0.8, rtol=1e-6)
+  np.testing.assert_array_equal(y, dropout.dropout(x, 0.2, jax.random.key(0)))
+  assert (dropout.dropout(x, 0.2, jax.random.key(1)) != y).any()
+  # Rows and columns are not correlated: each row keeps about 80% too.
+  assert np.abs(kept.mean(axis=1) - 0.8).max() < 0.1
+
+
+@pytest.mark.parametrize('centered,bias', [(True, True), (True, False), (False, False)])
+def test_norm_matches_reference(centered, bias):
+  kx, ks, kb = jax.random.split(jax.random.key(0), 3)
+  x = 3.0 * jax.random.normal(kx, (4, 8, 64)) + 1.0
+  scale = 1.0 + 0.1 * jax.random.normal(ks, (64,))
+  b = 0.1 * jax.random.normal(kb, (64,)) if bias else None
+
+  def ref(x, scale, b):
+    xc = x - x.mean(-1, keepdims=True) if centered else x
+    y = xc / jnp.sqrt(jnp.mean(jnp.square(xc), -1, keepdims=True) + 1e-5) * scale
+    return y + b if b is not None else y
+
+  fn = lambda x, scale, b: norms.norm(x, scale, b, centered, 1e-5)
+  check_against_reference(fn, ref, (x, scale, b), atol=1e-4)
+
+
+def test_gelu_matches_jax():
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  np.testing.assert_allclose(activations.gelu_tanh(x), jax.nn.gelu(x, approximate=True),
+                             atol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(activations.gelu_tanh(x) * jnp.cos(x)))(x)
+  r = jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * jnp.cos(x)))(x)
+  np.testing.assert_allclose(g, r, atol=1e-5)
