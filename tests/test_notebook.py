@@ -1,5 +1,4 @@
 """The quickstart notebook runs top to bottom at tiny scale."""
-import os
 import pathlib
 
 import pytest

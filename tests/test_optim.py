@@ -1,7 +1,6 @@
 """Optimizers, schedules and masks."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 

@@ -6,7 +6,6 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from lm.config import base_config, gpt2_model, llama_model
