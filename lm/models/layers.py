@@ -233,7 +233,8 @@ class Mlp(nn.Module):
       up_BTF = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi_1')(x_BTD)
       h_BTF = jax.nn.silu(gate_BTF) * up_BTF
     elif cfg.mlp == 'gelu':
-      h_BTF = activation_ops.gelu_tanh(dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi')(x_BTD))
+      h_BTF = activation_ops.gelu_tanh(
+          dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi')(x_BTD))
     else:
       raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
     h_BTF = constrain(h_BTF, ('batch', 'length', 'act_mlp'))
