@@ -23,6 +23,8 @@ _DATA_ONLY = flags.DEFINE_bool('data_only', False, 'Time the input pipeline alon
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  from lm.train import host_memory
+  host_memory.keep_freed_memory()  # before JAX starts threads; see its docstring
   import jax
   import numpy as np
   from lm import config as lm_config
@@ -50,8 +52,12 @@ def main(argv):
   jax.block_until_ready((state, metrics))
   peak, how = flops.mesh_peak_flops_per_sec(setup.mesh)
   start = time.perf_counter()
+  previous = None
   for i in range(_STEPS.value):
     state, metrics = setup.train_step(state, batches[i % 4])
+    if previous is not None:  # as train.py: at most two steps in flight
+      jax.block_until_ready(previous)
+    previous = metrics
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - start
   tokens_per_sec = b * t * _STEPS.value / seconds

@@ -26,6 +26,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (0..num_proce
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  from lm.train import host_memory
+  host_memory.keep_freed_memory()  # before JAX starts threads; see its docstring
   import jax
   if _FAKE_DEVICES.value:
     jax.config.update('jax_platforms', 'cpu')
