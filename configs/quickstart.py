@@ -4,8 +4,8 @@
 
 The corpus is the Python standard library of the running interpreter (no download);
 bytes tokenizer. 4 layers x 128 wide, context 128, batch 16, 600 steps.
-Measured on 2 CPU cores (2026-11-23): 1 min 51 s wall in all (the first run also builds
-the corpus, ~4 MB), peak RSS 1.0 GB; eval loss 2.32, 2.01, 1.87 nats/byte at steps 200,
+Measured on 2 CPU cores (2026-11-23): 1 min 44 s wall in all (the first run also builds
+the corpus, ~4 MB), peak RSS 1.1 GB; eval loss 2.32, 2.01, 1.87 nats/byte at steps 200,
 400, 600; then 300 bytes of Python-looking text.
 """
 from lm.config import base_config, gpt2_model
