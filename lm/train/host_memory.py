@@ -6,9 +6,10 @@ large with a fresh mmap from the calling thread's arena and unmaps it on free, s
 step faults every page back in and the kernel zeroes it: ~290k page faults and ~0.6 s of
 system time per step on the larger model. With one arena, no mmap and no trimming, the
 block stays in the heap and is reused. Measured on 2 cores, one session: 1.41x tokens/s
-on shakespeare_char, 1.14x on shakespeare_char_gpu. The cost is memory: freed blocks stay resident and two steps in
-flight can each hold one, so the larger model's peak RSS rose from 2.0 GB to 3.1-5.3 GB
-(varying run to run with allocation timing, README). LM_SYSTEM_MALLOC=1 turns it off.
+on shakespeare_char, 1.14x on shakespeare_char_gpu. The cost is memory: freed blocks stay
+resident and two steps in flight can each hold one, so the larger model's peak RSS rose
+from 2.0 GB to 3.1-5.3 GB (varying run to run with allocation timing, README).
+LM_SYSTEM_MALLOC=1 turns it off.
 Must run before JAX starts its threads.
 """
 from __future__ import annotations
