@@ -20,7 +20,7 @@ def get_config():
   c.data.update(dataset='text_files', path='../shared/data/tinyshakespeare.txt',
                 tokenizer='char', val_fraction=0.1)
   c.train.update(steps=5000, batch_size=64, log_every=50, eval_every=250, eval_steps=200,
-                 seed=1337)
+                 seed=1337, cpu_matmuls='onednn')  # on CPU: see trainer.compiler_options
   c.optimizer.update(name='adamw', lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=5000,
                      schedule='cosine', b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   c.checkpoint.update(every_steps=1000, keep=2)

@@ -85,6 +85,7 @@ def base_config() -> mlc.ConfigDict:
       z_loss=0.0,
       sample_prompt="",  # printed sample at the end ("" -> no sample)
       sample_tokens=200,
+      cpu_matmuls="ynn",  # XLA:CPU's matmul library: ynn (its default) | onednn (trainer.py)
   ))
 
   c.optimizer = mlc.ConfigDict(dict(

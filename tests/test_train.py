@@ -90,6 +90,22 @@ def test_gradient_accumulation_equals_big_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p_big, p_acc)
 
 
+def test_onednn_matmuls_match_the_default():
+  c = synthetic_config(data=2, fsdp=2, tensor=2)
+  ref, p_ref = run_steps(c, jax.devices())
+  c.train.cpu_matmuls = 'onednn'
+  setup = trainer.build(c)
+  batch = trainer.global_batch(setup, next(synthetic_batches(1)))
+  hlo = setup.train_step.lower(setup.abstract_state, batch).compile().as_text()
+  assert 'onednn' in hlo
+  got, p_got = run_steps(c, jax.devices())
+  np.testing.assert_allclose(ref, got, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p_ref, p_got)
+  c.train.cpu_matmuls = 'mkl'
+  with pytest.raises(ValueError, match="cpu_matmuls must be 'ynn' or 'onednn'"):
+    trainer.build(c)
+
+
 def losses_of(workdir):
   return {r['step']: r['train/loss'] for r in metrics_lib.read_metrics(workdir)
           if 'train/loss' in r}
