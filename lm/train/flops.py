@@ -73,7 +73,8 @@ def peak_flops_per_sec(device=None) -> tuple[float, str]:
     onednn = measure_matmul_peak(compiler_options=ONEDNN_OPTIONS)
   except Exception:  # pylint: disable=broad-except  (a jaxlib built without the option)
     onednn = 0.0
-  return max(measure_matmul_peak(), onednn), 'timed float32 matmul, best of YNNPACK and oneDNN (cpu)'
+  peak = max(measure_matmul_peak(), onednn)
+  return peak, 'timed float32 matmul, best of YNNPACK and oneDNN (cpu)'
 
 
 def mesh_peak_flops_per_sec(mesh) -> tuple[float, str]:
