@@ -8,7 +8,8 @@ system time per step on the larger model. With one arena, no mmap and no trimmin
 block stays in the heap and is reused. Measured on 2 cores, one session: 1.41x tokens/s
 on shakespeare_char, 1.14x on shakespeare_char_gpu. The cost is memory: freed blocks stay
 resident and two steps in flight can each hold one, so the larger model's peak RSS rose
-from 2.0 GB to 3.1-5.3 GB (varying run to run with allocation timing, README).
+from 2.0 GB to 3.1-5.3 GB (varying run to run with allocation timing), 5.7 GB with
+oneDNN matmuls, whose own allocations fragment the kept heap (README).
 LM_SYSTEM_MALLOC=1 turns it off.
 Must run before JAX starts its threads.
 """
