@@ -1,4 +1,5 @@
 """The trainer: sharding equivalence, accumulation, resume, remesh, preemption, guards, CLI."""
+import gc
 import json
 import os
 import pathlib
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 
 import jax
 import numpy as np
@@ -104,6 +106,18 @@ def test_onednn_matmuls_match_the_default():
   c.train.cpu_matmuls = 'mkl'
   with pytest.raises(ValueError, match="cpu_matmuls must be 'ynn' or 'onednn'"):
     trainer.build(c)
+
+
+def test_onednn_executables_outlive_their_callers():
+  # Freeing a oneDNN executable just after it ran can abort the process (an XLA:CPU race),
+  # so flops.jit keeps such functions; plain ones are freed as usual.
+  from lm.train import flops
+  a = np.ones((64, 64), np.float32)
+  kept, freed = (weakref.ref(flops.jit(lambda x: x @ x, compiler_options=options))
+                 for options in (flops.ONEDNN_OPTIONS, None))
+  np.testing.assert_allclose(kept()(a), a @ a)
+  gc.collect()
+  assert kept() is not None and freed() is None
 
 
 def losses_of(workdir):

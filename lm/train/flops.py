@@ -8,6 +8,7 @@ estimate_mfu formula too, so the figures compare.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -43,12 +44,31 @@ def flops_per_token(model, seq_len: int | None = None) -> float:
 ONEDNN_OPTIONS = {'xla_cpu_use_onednn': True,
                   'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 
+# XLA:CPU hands a oneDNN thunk's runtime back to its pool in a callback that can run after
+# the result is ready; freeing the executable inside that window aborts the process
+# ("Check failed: available_.size() == num_created_", object_pool.h; seen under load in
+# CI). So a function compiled with oneDNN is kept, with its executables, for the process.
+_ONEDNN_FUNCTIONS = []
+
+
+def jit(fun, compiler_options: dict | None = None, **kwargs):
+  """jax.jit that keeps functions compiled for oneDNN alive (see _ONEDNN_FUNCTIONS)."""
+  f = jax.jit(fun, compiler_options=compiler_options, **kwargs)
+  if compiler_options and compiler_options.get('xla_cpu_use_onednn'):
+    _ONEDNN_FUNCTIONS.append(f)
+  return f
+
+
+@functools.cache
+def _matmul(onednn: bool):
+  return jit(jnp.matmul, compiler_options=ONEDNN_OPTIONS if onednn else None)
+
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 10, dtype=jnp.float32,
-                        compiler_options: dict | None = None) -> float:
+                        onednn: bool = False) -> float:
   """Best-of-`repeats` FLOP/s of an n x n dense matmul on the default device."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y, compiler_options=compiler_options)
+  f = _matmul(onednn)
   f(a, a).block_until_ready()
   best = float('inf')
   for _ in range(repeats):
@@ -71,7 +91,7 @@ def peak_flops_per_sec(device=None) -> tuple[float, str]:
   # The faster of XLA:CPU's two matmul libraries (oneDNN's is ~10% above YNNPACK's here):
   # a config may run its step on either (train.cpu_matmuls), so MFU is against the best.
   try:
-    onednn = measure_matmul_peak(compiler_options=ONEDNN_OPTIONS)
+    onednn = measure_matmul_peak(onednn=True)
   except Exception:  # pylint: disable=broad-except  (a jaxlib built without the option)
     onednn = 0.0
   peak = max(measure_matmul_peak(), onednn)

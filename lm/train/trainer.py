@@ -136,11 +136,12 @@ def build(config, devices=None) -> Setup:
       config=config, mesh=mesh, model=model, tx=tx, schedule=schedule,
       state_shardings=state_shardings, abstract_state=abstract_state,
       batch_sharding=data_sharding, init_state=init_state,
-      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, repl), donate_argnums=0,
-                         compiler_options=options),
-      eval_step=jax.jit(eval_step, in_shardings=(state_shardings['params'], batch_shardings),
-                        out_shardings=repl, compiler_options=options))
+      train_step=flops_lib.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                               out_shardings=(state_shardings, repl), donate_argnums=0,
+                               compiler_options=options),
+      eval_step=flops_lib.jit(eval_step,
+                              in_shardings=(state_shardings['params'], batch_shardings),
+                              out_shardings=repl, compiler_options=options))
 
 
 def compiler_options(config, mesh) -> dict | None:
