@@ -309,3 +309,15 @@ def test_two_processes_match_one(data_dir, tmp_path):
   one, two = losses_of(tmp_path / 'one'), losses_of(tmp_path / 'two')
   assert sorted(one) == sorted(two) == [1, 2, 3, 4]
   np.testing.assert_allclose([one[s] for s in one], [two[s] for s in one], atol=1e-5)
+
+
+def test_benchmark_prints_the_metrics_contract():
+  out = run_script(['scripts/benchmark.py', '--config=configs/tiny_gpt2.py', '--steps=3',
+                    '--warmup=1', '--config.model.vocab_size=64', '--config.model.d_model=32'])
+  assert out.returncode == 0, out.stderr[-3000:]
+  info, result = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+  assert 5 <= info['warmup_steps'] <= 30 and info['steps'] == 3  # 1, then groups of 4
+  assert info['page_faults_per_step'] >= 0
+  assert result['tokens_per_sec'] > 0 and 0 < result['mfu'] < 1
+  assert result['model_flops_per_sec'] == pytest.approx(
+      result['tokens_per_sec'] * result['model_flops_per_token'])
