@@ -44,7 +44,7 @@ def base_config() -> mlc.ConfigDict:
       dtype="float32",  # compute dtype: float32 | bfloat16
       remat="none",  # none | full | save_dots
       scan_layers=False,
-      attention="xla",  # xla | cudnn | auto (cudnn flash attention on GPU)
+      attention="auto",  # xla | cudnn | cpu | auto (cuDNN on GPU, the C++ kernel on CPU)
   ))
 
   # Data: read by lm.data (sources.py, tokenizers.py, pipeline.py).

@@ -1,5 +1,6 @@
 """The decoder family: masks, GQA, RoPE, KV cache, remat/scan, dtypes, init."""
 import functools
+import shutil
 
 import flax.linen as nn
 import jax
@@ -170,6 +171,32 @@ def test_dropout_honours_deterministic():
   r1 = apply({'params': params}, x, deterministic=False, rngs={'dropout': jax.random.key(1)})
   r2 = apply({'params': params}, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
   assert np.abs(r1 - det).max() > 1e-3 and np.abs(r1 - r2).max() > 1e-3
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ('c++', 'g++'))), reason='no C++ compiler')
+@pytest.mark.parametrize('style', ['gpt2', 'llama'])
+def test_cpu_attention_kernel_matches_xla_in_the_model(style, monkeypatch):
+  """attention='cpu' (the C++ kernel) against 'xla': packed segments, dropout, gradients."""
+  from lm.models import layers  # pylint: disable=import-outside-toplevel
+  from lm.ops import cpu_attention  # pylint: disable=import-outside-toplevel
+  assert cpu_attention.available(), cpu_attention.unavailable_reason()
+  monkeypatch.setattr(layers, '_one_device', lambda: True)  # the tests run on 8 devices
+  calls = []
+  monkeypatch.setattr(cpu_attention, 'attention',
+                      lambda *a, f=cpu_attention.attention: calls.append(1) or f(*a))
+  kw = dict(head_dim=16, attn_dropout=0.1, resid_dropout=0.1)
+  (xla, params), (cpu, _) = make(style, attention='xla', **kw), make(style, attention='cpu', **kw)
+  x, seg = tokens(), jnp.array([[1] * 10 + [2] * 6, [1] * 16])
+  def loss(model, p):
+    out = model.apply({'params': p}, x, segment_ids_BT=seg, deterministic=False,
+                      rngs={'dropout': jax.random.key(5)})
+    return jnp.mean(out ** 2), out
+  (lx, ox), gx = jax.value_and_grad(functools.partial(loss, xla), has_aux=True)(params)
+  (lc, oc), gc = jax.value_and_grad(functools.partial(loss, cpu), has_aux=True)(params)
+  assert calls, 'the kernel was not used'
+  np.testing.assert_allclose(oc, ox, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_init_follows_gpt2():

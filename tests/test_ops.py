@@ -1,12 +1,17 @@
 """lm/ops: each hand-written kernel against the plain JAX formulation, values and gradients."""
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.ops import activations, attention, dropout, linear, norms
+from lm.ops import activations, attention, cpu_attention, dropout, linear, norms
+
+# The C++ kernel needs a compiler; where there is one, a failed build fails the tests.
+needs_cxx = pytest.mark.skipif(
+    not any(map(shutil.which, ('c++', 'g++'))), reason='no C++ compiler for the CPU kernel')
 
 
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, allowed_B1TS, keep_BNTS=None, rate=0.0):
@@ -68,6 +73,36 @@ def test_attention_dropout_uses_one_mask_forward_and_backward(block):
   fn = lambda q, k, v: attention.attention(q, k, v, None, seed, True, rate, block)
   ref = lambda q, k, v: reference_attention(q, k, v, causal_allowed(32, 32), keep_BNTS, rate)
   check_against_reference(fn, ref, (q, k, v))
+
+
+@needs_cxx
+@pytest.mark.parametrize('kv_heads', [4, 2])  # MHA, GQA
+def test_cpu_kernel_matches_reference_with_segments_and_dropout(kv_heads):
+  assert cpu_attention.available(), cpu_attention.unavailable_reason()
+  q, k, v = qkv(t=32, s=32, k=kv_heads, h=16)
+  seg = jnp.array([[1] * 20 + [2] * 12, [0] * 5 + [1] * 27], jnp.int32)  # packed; padding
+  allowed = (seg[:, :, None] == seg[:, None, :])[:, None] & causal_allowed(32, 32)
+  for rate in (0.0, 0.25):
+    seed = dropout.seed_from_key(jax.random.key(3))
+    keep_BNTS = dropout.keep_mask(seed, (2, 4, 32, 32), rate) if rate else None
+    fn = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, seg, seed, True, rate))
+    ref = lambda q, k, v: reference_attention(q, k, v, allowed, keep_BNTS, rate)
+    check_against_reference(fn, ref, (q, k, v), atol=1e-5)
+
+
+@needs_cxx
+def test_cpu_kernel_non_causal_and_shapes_it_declines():
+  assert cpu_attention.available(), cpu_attention.unavailable_reason()
+  q, k, v = qkv(t=16, s=16, h=32)
+  seg = jnp.ones((2, 16), jnp.int32)
+  fn = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, seg, jnp.zeros(2, jnp.uint32),
+                                                       False, 0.0))
+  ref = lambda q, k, v: reference_attention(q, k, v, jnp.ones((1, 1, 16, 16), bool))
+  check_against_reference(fn, ref, (q, k, v), atol=1e-5)
+  assert cpu_attention.supports(q, k)
+  assert not cpu_attention.supports(*qkv(h=8)[:2])  # head_dim not a multiple of 16
+  assert not cpu_attention.supports(*qkv(t=16, s=32, h=16)[:2])  # a KV cache (S > T)
+  assert not cpu_attention.supports(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
 
 
 def test_dropout_rate_scale_and_determinism():

@@ -51,7 +51,7 @@ class DecoderConfig:
   dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = False
-  attention: str = 'xla'
+  attention: str = 'auto'
   family: str = 'decoder'
 
   def __post_init__(self):

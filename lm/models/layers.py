@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lm.ops import attention as attention_ops
+from lm.ops import cpu_attention
 from lm.ops import activations as activation_ops
 from lm.ops import dropout as dropout_ops
 from lm.ops import linear as linear_ops
@@ -120,29 +121,44 @@ def attention_mask(q_pos_BT: Array, k_pos_BS: Array, q_seg_BT: Array, k_seg_BS: 
   return mask[:, None]
 
 
+def _one_device() -> bool:
+  return jax.device_count() == 1
+
+
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
                           implementation: str, dropout_rate: float = 0.0,
-                          dropout_rng=None) -> Array:
+                          dropout_rng=None, segment_ids_BT=None) -> Array:
   """softmax(q k / sqrt(H), masked) v; GQA/MQA native (K divides N).
 
   'xla' is lm/ops/attention.py (a hand-written VJP, hashed dropout, causal query blocks
   that skip the masked upper triangle); 'cudnn' is flash attention through
   jax.nn.dot_product_attention (no dropout there: with attention dropout it falls back
-  to 'xla'); 'auto' picks cuDNN on a GPU with 16-bit inputs. is_causal: keys after each
-  query are masked too (they may also be masked in mask_B1TS).
+  to 'xla'); 'cpu' is the fused C++ kernel of lm/ops/cpu_attention.py, for float32
+  self-attention on one CPU device whose mask is causal + same segment_ids_BT (else, or
+  without a C++ compiler, it falls back to 'xla': the kernel has no sharding rule);
+  'auto' picks cuDNN on a GPU with 16-bit inputs and 'cpu' on a CPU. is_causal: keys
+  after each query are masked too (they may also be masked in mask_B1TS).
   """
   impl = implementation
+  if impl not in ('xla', 'cudnn', 'cpu', 'auto'):
+    raise ValueError(
+        f"model.attention must be 'xla', 'cudnn', 'cpu' or 'auto', got {implementation!r}")
   if impl == 'auto':
-    impl = 'cudnn' if jax.default_backend() == 'gpu' and q_BTNH.dtype == jnp.bfloat16 else 'xla'
-  if impl not in ('xla', 'cudnn'):
-    raise ValueError(f"model.attention must be 'xla', 'cudnn' or 'auto', got {implementation!r}")
+    backend = jax.default_backend()
+    impl = ('cudnn' if backend == 'gpu' and q_BTNH.dtype == jnp.bfloat16 else
+            'cpu' if backend == 'cpu' else 'xla')
   use_dropout = dropout_rate > 0.0 and dropout_rng is not None
   if impl == 'cudnn' and not use_dropout:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                         is_causal=is_causal, implementation='cudnn')
-  seed = dropout_ops.seed_from_key(dropout_rng) if use_dropout else None
-  return attention_ops.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, seed, is_causal,
-                                 dropout_rate if use_dropout else 0.0)
+  seed = (dropout_ops.seed_from_key(dropout_rng) if use_dropout
+          else jnp.zeros((2,), jnp.uint32))
+  rate = dropout_rate if use_dropout else 0.0
+  if (impl == 'cpu' and segment_ids_BT is not None and is_causal and _one_device()
+      and cpu_attention.supports(q_BTNH, k_BSKH) and cpu_attention.available()):
+    return cpu_attention.attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, seed, True, rate)
+  return attention_ops.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS,
+                                 seed if use_dropout else None, is_causal, rate)
 
 
 class Attention(nn.Module):
@@ -169,6 +185,7 @@ class Attention(nn.Module):
 
     b, t = x_BTD.shape[:2]
     seg_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
+    kernel_seg_BT = None  # segment ids for the CPU kernel, when its mask is the whole mask
     if self.decode:
       k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)
       is_causal = False
@@ -180,12 +197,15 @@ class Attention(nn.Module):
         idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask_B1TS = attention_mask(idx_BT, idx_BT, seg_BT, seg_BT, cfg.sliding_window)
         is_causal = True  # already in the mask; lets attention skip the upper triangle
+      if not cfg.sliding_window:
+        kernel_seg_BT = seg_BT
 
     use_dropout = cfg.attn_dropout > 0.0 and not self.deterministic
     out_BTNH = dot_product_attention(
         q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask_B1TS, is_causal=is_causal,
         implementation=cfg.attention, dropout_rate=cfg.attn_dropout if use_dropout else 0.0,
-        dropout_rng=self.make_rng('dropout') if use_dropout else None)
+        dropout_rng=self.make_rng('dropout') if use_dropout else None,
+        segment_ids_BT=kernel_seg_BT)
     out_BTNH = constrain(out_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
     return Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), 2, cfg.use_bias,
                   self.resid_std, dtype, name='out')(out_BTNH)

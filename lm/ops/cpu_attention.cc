@@ -1,0 +1,381 @@
+// Fused causal/segment-masked softmax attention for XLA:CPU (an XLA FFI custom call).
+//
+// XLA:CPU runs attention as ~45 separate ops per layer: small batched matmuls at a third of
+// the machine's matmul rate, plus transposes, slices, selects and reductions that each
+// stream the [B, N, T, S] scores through memory. Here one task per (batch, KV head) keeps
+// a head's scores in L2, runs the matmuls through one register-blocked kernel, skips the
+// tiles above the causal diagonal, and recomputes the probabilities in the backward pass
+// from the saved log-sum-exp (as FlashAttention does) instead of storing them.
+//
+// Layouts are the model's: q, out [B, T, N, H]; k, v [B, S, K, H] (K divides N: GQA);
+// segment ids [B, T] and [B, S] (a query attends keys of its own segment); lse [B, N, T].
+// Dropout hashes each score's index in [B, N, T, S] exactly as lm/ops/dropout.py does, so
+// the mask equals the XLA path's. Requires float32, H % 16 == 0, T % 16 == 0, S == T.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// GCC/Clang vector extensions: 16 lanes, compiled to AVX-512 (or 2x AVX2) by -march=native.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint32_t w16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+typedef int32_t i16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline i16 load_i(const int32_t* p) { return *reinterpret_cast<const i16u*>(p); }
+inline v16 splat(float x) { return v16{} + x; }
+inline i16 iota16() { return i16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  return m;
+}
+inline float hsum(v16 x) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += x[i];
+  return s;
+}
+
+// exp(x) for x <= 0 (scores minus their row max): Cody-Waite reduction and a degree-6
+// polynomial, ~1 ulp; below -87 it returns 0.
+inline v16 vexp(v16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  // round(x / ln 2) for x <= 0, by truncation of x / ln 2 - 0.5
+  const i16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i16);
+  const v16 n = __builtin_convertvector(ni, v16);
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * (v16)((ni + 127) << 23);
+}
+
+// lowbias32 (lm/ops/dropout.py _mix32).
+inline w16 mix32(w16 x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// C[MR, 16 * NV] (+)= A[MR, k0:k1] B[k0:k1, 16 * NV]; A(i, k) sits at a[i * ai + k * ak],
+// so A may be read transposed for free (its elements are broadcast, not vector-loaded).
+template <int MR, int NV>
+inline void tile(int k0, int k1, const float* a, long ai, long ak, const float* b, long ldb,
+                 float* c, long ldc, bool acc) {
+  v16 s[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) s[r][v] = acc ? load(c + r * ldc + 16 * v) : v16{};
+  for (int k = k0; k < k1; ++k) {
+    v16 bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = load(b + k * ldb + 16 * v);
+#if defined(__x86_64__)
+      asm("" : "+v"(bv[v]));  // keep B in registers: GCC would reload it for every row
+#endif
+    }
+    for (int r = 0; r < MR; ++r) {
+      const float x = a[r * ai + k * ak];
+      for (int v = 0; v < NV; ++v) s[r][v] += x * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(c + r * ldc + 16 * v, s[r][v]);
+}
+
+constexpr int kRows = 4;  // rows per register tile; m must be a multiple of it
+
+// C[m, n] (+)= A[m, K] B[K, n] over row blocks of kRows, where block i0 only needs
+// k in krange(i0) and columns below ncols(i0) (a multiple of 16): the causal skip.
+template <class KRange, class NCols>
+void gemm(int m, const float* a, long ai, long ak, const float* b, long ldb, float* c,
+          long ldc, bool acc, KRange krange, NCols ncols) {
+  for (int i0 = 0; i0 < m; i0 += kRows) {
+    const auto [k0, k1] = krange(i0);
+    const int n = ncols(i0);
+    const float* ar = a + i0 * ai;
+    float* cr = c + i0 * ldc;
+    int j = 0;
+    for (; j + 64 <= n; j += 64) tile<kRows, 4>(k0, k1, ar, ai, ak, b + j, ldb, cr + j, ldc, acc);
+    switch ((n - j) / 16) {
+      case 3: tile<kRows, 3>(k0, k1, ar, ai, ak, b + j, ldb, cr + j, ldc, acc); break;
+      case 2: tile<kRows, 2>(k0, k1, ar, ai, ak, b + j, ldb, cr + j, ldc, acc); break;
+      case 1: tile<kRows, 1>(k0, k1, ar, ai, ak, b + j, ldb, cr + j, ldc, acc); break;
+    }
+  }
+}
+
+struct Dims {
+  long B, T, S, N, K, H;
+  bool causal;
+  float rate;
+  uint32_t seed0, seed1;
+  long G() const { return N / K; }
+  // Keys that query rows [i0, i0 + kRows) may see: [0, kend).
+  int kend(int i0) const { return causal ? std::min<long>(S, i0 + kRows + (S - T)) : S; }
+  int ncols(int i0) const { return std::min<long>(S, (kend(i0) + 15) / 16 * 16); }
+  // Queries that key rows [j0, j0 + kRows) may be seen by: [qbeg, T).
+  int qbeg(int j0) const { return causal ? std::max<long>(0, j0 - (S - T)) : 0; }
+};
+
+// Per-thread scratch, grown on demand and kept for the thread's life.
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// Runs f(0..n-1) on the calling thread and the intra-op pool's threads. Late pool tasks
+// find the counter spent and return without touching f; the caller waits for every index.
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int n, const F& f) {
+  struct State {
+    std::atomic<int> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  auto work = [st, n, fp = &f]() {
+    for (int i; (i = st->next.fetch_add(1)) < n;) {
+      (*fp)(i);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const long helpers = std::min<long>(pool.num_threads(), n) - 1;
+  for (long w = 0; w < helpers; ++w) pool.Schedule(decltype(work)(work));
+  work();
+  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// Keys head kv of batch b, transposed to [H, S] (the B operand of q k^T needs rows of keys).
+void transpose_keys(const float* k, const Dims& d, long b, long kv, float* kt) {
+  for (long j = 0; j < d.S; ++j) {
+    const float* row = k + ((b * d.S + j) * d.K + kv) * d.H;
+    for (long h = 0; h < d.H; ++h) kt[h * d.S + j] = row[h];
+  }
+}
+
+// Scores of head n: sc[T, S] = q_n k^T for the tiles below the causal diagonal.
+void scores(const float* q, const float* kt, const Dims& d, long b, long n, float* sc) {
+  gemm(d.T, q + (b * d.T * d.N + n) * d.H, d.N * d.H, 1, kt, d.S, sc, d.S, false,
+       [&](int) { return std::pair<int, int>(0, d.H); }, [&](int i0) { return d.ncols(i0); });
+}
+
+// For row i of head n: which of 16 keys from j may be attended, and which are kept by
+// dropout (all when rate == 0).
+struct RowMask {
+  const Dims& d;
+  const int32_t* kseg;  // [S] of this batch row
+  int32_t qseg;
+  long i, jmax;
+  uint32_t idx0, threshold;
+  RowMask(const Dims& d, const int32_t* qs, const int32_t* ks, long b, long n, long i)
+      : d(d), kseg(ks), qseg(qs[i]), i(i),
+        jmax(d.causal ? std::min<long>(d.S, i + 1 + (d.S - d.T)) : d.S),
+        idx0(static_cast<uint32_t>(((b * d.N + n) * d.T + i) * d.S)),
+        threshold(static_cast<uint32_t>(
+            std::min(std::llround(static_cast<double>(d.rate) * 4294967296.0), 4294967295LL))) {}
+  i16 allowed(long j) const {
+    return (iota16() + static_cast<int32_t>(j) < static_cast<int32_t>(jmax)) &
+           (load_i(kseg + j) == qseg);
+  }
+  i16 keep(long j) const {
+    if (d.rate <= 0.0f) return ~i16{};
+    const w16 idx = (w16)iota16() + (idx0 + static_cast<uint32_t>(j));
+    return (i16)(mix32(mix32(idx + d.seed0) ^ d.seed1) >= threshold);
+  }
+};
+
+void forward_task(const float* q, const float* k, const float* v, const int32_t* qseg,
+                  const int32_t* kseg, const Dims& d, long task, float* out, float* lse) {
+  const long b = task / d.K, kv = task % d.K;
+  float* kt = scratch(d.H * d.S + d.T * d.S);
+  float* sc = kt + d.H * d.S;
+  transpose_keys(k, d, b, kv, kt);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
+  const float keep_scale = d.rate > 0.0f ? 1.0f / (1.0f - d.rate) : 1.0f;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (long n = kv * d.G(); n < (kv + 1) * d.G(); ++n) {
+    scores(q, kt, d, b, n, sc);
+    for (long i = 0; i < d.T; ++i) {
+      RowMask rm(d, qseg + b * d.T, kseg + b * d.S, b, n, i);
+      float* row = sc + i * d.S;
+      const long end = d.ncols(i / kRows * kRows);
+      v16 mv = splat(ninf);
+      for (long j = 0; j < end; j += 16) {
+        v16 x = rm.allowed(j) ? load(row + j) * scale : splat(ninf);
+        store(row + j, x);
+        mv = mv > x ? mv : x;
+      }
+      const float m = hmax(mv);
+      if (m == ninf) {  // nothing to attend (no key in the query's segment): zeros
+        for (long j = 0; j < end; ++j) row[j] = 0.0f;
+        lse[(b * d.N + n) * d.T + i] = 0.0f;
+        continue;
+      }
+      v16 lv{};
+      for (long j = 0; j < end; j += 16) {
+        v16 p = vexp(load(row + j) - m);
+        p = rm.allowed(j) ? p : v16{};
+        store(row + j, p);
+        lv += p;
+      }
+      const float l = hsum(lv);
+      lse[(b * d.N + n) * d.T + i] = m + std::log(l);
+      const v16 norm = splat(keep_scale / l);
+      for (long j = 0; j < end; j += 16)
+        store(row + j, rm.keep(j) ? load(row + j) * norm : v16{});
+    }
+    // out_n = P v, over the keys each row block may see.
+    gemm(d.T, sc, d.S, 1, v + (b * d.S * d.K + kv) * d.H, d.K * d.H,
+         out + (b * d.T * d.N + n) * d.H, d.N * d.H, false,
+         [&](int i0) { return std::pair<int, int>(0, d.kend(i0)); },
+         [&](int) { return static_cast<int>(d.H); });
+  }
+}
+
+void backward_task(const float* q, const float* k, const float* v, const int32_t* qseg,
+                   const int32_t* kseg, const float* out, const float* lse, const float* dout,
+                   const Dims& d, long task, float* dq, float* dk, float* dv) {
+  const long b = task / d.K, kv = task % d.K;
+  float* kt = scratch(2 * d.H * d.S + 2 * d.T * d.S);
+  float* vt = kt + d.H * d.S;
+  float* p = vt + d.H * d.S;  // dropped-out probabilities, then
+  float* ds = p + d.T * d.S;  // dO v^T, then dS (scaled)
+  transpose_keys(k, d, b, kv, kt);
+  transpose_keys(v, d, b, kv, vt);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
+  const float keep_scale = d.rate > 0.0f ? 1.0f / (1.0f - d.rate) : 1.0f;
+  const long ld = d.N * d.H, ldk = d.K * d.H;
+  const float* k_b = k + (b * d.S * d.K + kv) * d.H;
+  float* dk_b = dk + (b * d.S * d.K + kv) * d.H;
+  float* dv_b = dv + (b * d.S * d.K + kv) * d.H;
+  for (long n = kv * d.G(); n < (kv + 1) * d.G(); ++n) {
+    const long off = (b * d.T * d.N + n) * d.H;
+    const bool acc = n > kv * d.G();  // dk, dv sum over the group's query heads
+    scores(q, kt, d, b, n, p);
+    gemm(d.T, dout + off, ld, 1, vt, d.S, ds, d.S, false,
+         [&](int) { return std::pair<int, int>(0, d.H); }, [&](int i0) { return d.ncols(i0); });
+    for (long i = 0; i < d.T; ++i) {
+      RowMask rm(d, qseg + b * d.T, kseg + b * d.S, b, n, i);
+      const float* o_i = out + off + i * ld;
+      const float* do_i = dout + off + i * ld;
+      v16 dl{};
+      for (long h = 0; h < d.H; h += 16) dl += load(o_i + h) * load(do_i + h);
+      const float delta = hsum(dl), l = lse[(b * d.N + n) * d.T + i];
+      float* prow = p + i * d.S;
+      float* drow = ds + i * d.S;
+      const long end = d.ncols(i / kRows * kRows);
+      for (long j = 0; j < end; j += 16) {
+        const i16 ok = rm.allowed(j), kept = rm.keep(j);
+        v16 pr = ok ? vexp(load(prow + j) * scale - l) : v16{};
+        v16 dp = kept ? load(drow + j) * keep_scale : v16{};
+        store(prow + j, kept ? pr * keep_scale : v16{});
+        store(drow + j, pr * (dp - delta) * scale);
+      }
+    }
+    // dv += P^T dO and dk += dS^T q (P, dS read transposed); dq = dS k.
+    auto qrange = [&](int j0) { return std::pair<int, int>(d.qbeg(j0), d.T); };
+    auto hcols = [&](int) { return static_cast<int>(d.H); };
+    gemm(d.S, p, 1, d.S, dout + off, ld, dv_b, ldk, acc, qrange, hcols);
+    gemm(d.S, ds, 1, d.S, q + off, ld, dk_b, ldk, acc, qrange, hcols);
+    gemm(d.T, ds, d.S, 1, k_b, ldk, dq + off, ld, false,
+         [&](int i0) { return std::pair<int, int>(0, d.kend(i0)); }, hcols);
+  }
+}
+
+Dims dims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+          const ffi::Buffer<ffi::U32>& seed, bool causal, float rate) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const uint32_t* s = seed.typed_data();
+  return Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], causal, rate, s[0], s[1]};
+}
+
+ffi::Error check(const Dims& d) {
+  if (d.N % d.K || d.H % 16 || d.T % 16 || d.S != d.T)
+    return ffi::Error::InvalidArgument("lm attention kernel: needs N % K == 0, H % 16 == 0, "
+                                       "T % 16 == 0 and S == T");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg,
+                   ffi::Buffer<ffi::S32> kseg, ffi::Buffer<ffi::U32> seed,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                   bool causal, float rate) {
+  const Dims d = dims(q, k, seed, causal, rate);
+  if (auto e = check(d); e.failure()) return e;
+  parallel_for(pool, d.B * d.K, [&](int task) {
+    forward_task(q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
+                 kseg.typed_data(), d, task, out->typed_data(), lse->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg,
+                    ffi::Buffer<ffi::S32> kseg, ffi::Buffer<ffi::U32> seed,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    bool causal, float rate) {
+  const Dims d = dims(q, k, seed, causal, rate);
+  if (auto e = check(d); e.failure()) return e;
+  parallel_for(pool, d.B * d.K, [&](int task) {
+    backward_task(q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
+                  kseg.typed_data(), out.typed_data(), lse.typed_data(), dout.typed_data(), d,
+                  task, dq->typed_data(), dk->typed_data(), dv->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // key segment ids
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // dropout seed
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // key segment ids
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // dropout seed
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("rate"));
