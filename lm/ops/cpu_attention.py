@@ -81,9 +81,10 @@ def unavailable_reason() -> str:
 
 def supports(q_BTNH: Array, k_BSKH: Array) -> bool:
   """Shapes and dtypes the kernel takes (else the caller uses the XLA attention)."""
-  b, t, n, h = q_BTNH.shape
+  _, t, n, h = q_BTNH.shape
   return (q_BTNH.dtype == k_BSKH.dtype == jnp.float32 and k_BSKH.shape[1] == t
-          and n % k_BSKH.shape[2] == 0 and h % 16 == 0 and t % 16 == 0)
+          and n % k_BSKH.shape[2] == 0 and h % 16 == 0 and t % 16 == 0
+          and t <= 4096)  # a thread holds two [T, T] float32 score blocks
 
 
 def _call(name, results, *args, causal, rate):
