@@ -351,29 +351,29 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
+namespace {
+// The arguments both handlers start with.
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // q
+      .Arg<ffi::Buffer<ffi::F32>>()   // k
+      .Arg<ffi::Buffer<ffi::F32>>()   // v
+      .Arg<ffi::Buffer<ffi::S32>>()   // query segment ids
+      .Arg<ffi::Buffer<ffi::S32>>()   // key segment ids
+      .Arg<ffi::Buffer<ffi::U32>>();  // dropout seed
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // query segment ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // key segment ids
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // dropout seed
+                              BindInputs()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<bool>("causal")
                                   .Attr<float>("rate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // query segment ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // key segment ids
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // dropout seed
+                              BindInputs()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dout
