@@ -9,7 +9,7 @@ nanoGPT's README: best val loss 1.4697 on one A100 in about 3 minutes.
 On CPU this is the speed benchmark (batch 16):
   python scripts/benchmark.py --config=configs/shakespeare_char_gpu.py \
       --config.train.batch_size=16 --steps=10
-measured on 2 CPU cores (2026-11-23): ~1 min 15 s, 2,120-2,420 tokens/s, MFU 0.70-0.80.
+measured on 2 CPU cores (2026-11-23): ~1 min 15 s, 2,120-2,490 tokens/s, MFU 0.70-0.81.
 """
 from lm.config import base_config, gpt2_model
 
