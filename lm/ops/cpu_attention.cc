@@ -349,9 +349,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-}  // namespace
-
-namespace {
 // The arguments both handlers start with.
 auto BindInputs() {
   return ffi::Ffi::Bind()
