@@ -175,15 +175,18 @@ def test_dropout_honours_deterministic():
 
 @pytest.mark.skipif(not any(map(shutil.which, ('c++', 'g++'))), reason='no C++ compiler')
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])
-def test_cpu_attention_kernel_matches_xla_in_the_model(style, monkeypatch):
-  """attention='cpu' (the C++ kernel) against 'xla': packed segments, dropout, gradients."""
+def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
+  """The C++ kernels (attention='cpu', the norms) against XLA: packed segments, dropout,
+  LayerNorm and RMSNorm, gradients."""
   from lm.models import layers  # pylint: disable=import-outside-toplevel
-  from lm.ops import cpu_attention  # pylint: disable=import-outside-toplevel
-  assert cpu_attention.available(), cpu_attention.unavailable_reason()
+  from lm.ops import cpu_attention, cpu_kernels, norms  # pylint: disable=import-outside-toplevel
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
   monkeypatch.setattr(layers, '_one_device', lambda: True)  # the tests run on 8 devices
   calls = []
   monkeypatch.setattr(cpu_attention, 'attention',
-                      lambda *a, f=cpu_attention.attention: calls.append(1) or f(*a))
+                      lambda *a, f=cpu_attention.attention: calls.append('attention') or f(*a))
+  monkeypatch.setattr(norms, 'cpu_norm',
+                      lambda *a, f=norms.cpu_norm: calls.append('norm') or f(*a))
   kw = dict(head_dim=16, attn_dropout=0.1, resid_dropout=0.1)
   (xla, params), (cpu, _) = make(style, attention='xla', **kw), make(style, attention='cpu', **kw)
   x, seg = tokens(), jnp.array([[1] * 10 + [2] * 6, [1] * 16])
@@ -191,9 +194,13 @@ def test_cpu_attention_kernel_matches_xla_in_the_model(style, monkeypatch):
     out = model.apply({'params': p}, x, segment_ids_BT=seg, deterministic=False,
                       rngs={'dropout': jax.random.key(5)})
     return jnp.mean(out ** 2), out
-  (lx, ox), gx = jax.value_and_grad(functools.partial(loss, xla), has_aux=True)(params)
+  calls.clear()  # init ran the model
+  with monkeypatch.context() as m:  # the reference: no kernel at all
+    m.setattr(norms, 'cpu_supports', lambda x: False)
+    (lx, ox), gx = jax.value_and_grad(functools.partial(loss, xla), has_aux=True)(params)
+  assert not calls
   (lc, oc), gc = jax.value_and_grad(functools.partial(loss, cpu), has_aux=True)(params)
-  assert calls, 'the kernel was not used'
+  assert set(calls) == {'attention', 'norm'}, 'a kernel was not used'
   np.testing.assert_allclose(oc, ox, atol=1e-5)
   for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.ops import activations, attention, cpu_attention, dropout, linear, norms
+from lm.ops import activations, attention, cpu_attention, cpu_kernels, dropout, linear, norms
 
-# The C++ kernel needs a compiler; where there is one, a failed build fails the tests.
+# The C++ kernels need a compiler; where there is one, a failed build fails the tests.
 needs_cxx = pytest.mark.skipif(
     not any(map(shutil.which, ('c++', 'g++'))), reason='no C++ compiler for the CPU kernel')
 
@@ -78,7 +78,7 @@ def test_attention_dropout_uses_one_mask_forward_and_backward(block):
 @needs_cxx
 @pytest.mark.parametrize('kv_heads', [4, 2])  # MHA, GQA
 def test_cpu_kernel_matches_reference_with_segments_and_dropout(kv_heads):
-  assert cpu_attention.available(), cpu_attention.unavailable_reason()
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
   q, k, v = qkv(t=32, s=32, k=kv_heads, h=16)
   seg = jnp.array([[1] * 20 + [2] * 12, [0] * 5 + [1] * 27], jnp.int32)  # packed; padding
   allowed = (seg[:, :, None] == seg[:, None, :])[:, None] & causal_allowed(32, 32)
@@ -92,7 +92,7 @@ def test_cpu_kernel_matches_reference_with_segments_and_dropout(kv_heads):
 
 @needs_cxx
 def test_cpu_kernel_non_causal_and_shapes_it_declines():
-  assert cpu_attention.available(), cpu_attention.unavailable_reason()
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
   q, k, v = qkv(t=16, s=16, h=32)
   seg = jnp.ones((2, 16), jnp.int32)
   fn = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, seg, jnp.zeros(2, jnp.uint32),
@@ -117,10 +117,11 @@ def test_dropout_rate_scale_and_determinism():
   assert np.abs(kept.mean(axis=1) - 0.8).max() < 0.1
 
 
+@pytest.mark.parametrize('impl', ['xla', pytest.param('cpu', marks=needs_cxx)])
 @pytest.mark.parametrize('centered,bias', [(True, True), (True, False), (False, False)])
-def test_norm_matches_reference(centered, bias):
+def test_norm_matches_reference(centered, bias, impl):
   kx, ks, kb = jax.random.split(jax.random.key(0), 3)
-  x = 3.0 * jax.random.normal(kx, (4, 8, 64)) + 1.0
+  x = 3.0 * jax.random.normal(kx, (5, 37, 64)) + 1.0  # 185 rows: uneven row chunks
   scale = 1.0 + 0.1 * jax.random.normal(ks, (64,))
   b = 0.1 * jax.random.normal(kb, (64,)) if bias else None
 
@@ -129,7 +130,12 @@ def test_norm_matches_reference(centered, bias):
     y = xc / jnp.sqrt(jnp.mean(jnp.square(xc), -1, keepdims=True) + 1e-5) * scale
     return y + b if b is not None else y
 
-  fn = lambda x, scale, b: norms.norm(x, scale, b, centered, 1e-5)
+  if impl == 'cpu':
+    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+    assert norms.cpu_supports(x) and not norms.cpu_supports(x[..., :40])
+    assert not norms.cpu_supports(x.astype(jnp.bfloat16))
+  op = norms.cpu_norm if impl == 'cpu' else norms.norm
+  fn = jax.jit(lambda x, scale, b: op(x, scale, b, centered, 1e-5))
   check_against_reference(fn, ref, (x, scale, b), atol=1e-4)
 
 

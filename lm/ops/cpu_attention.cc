@@ -12,43 +12,15 @@
 // Dropout hashes each score's index in [B, N, T, S] exactly as lm/ops/dropout.py does, so
 // the mask equals the XLA path's. Requires float32, H % 16 == 0, T % 16 == 0, S == T.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
-namespace ffi = xla::ffi;
-
+namespace lm {
 namespace {
-
-// GCC/Clang vector extensions: 16 lanes, compiled to AVX-512 (or 2x AVX2) by -march=native.
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
-typedef uint32_t w16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-typedef int32_t i16u __attribute__((vector_size(64), aligned(4), may_alias));
-
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-inline i16 load_i(const int32_t* p) { return *reinterpret_cast<const i16u*>(p); }
-inline v16 splat(float x) { return v16{} + x; }
-inline i16 iota16() { return i16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
-
-inline float hmax(v16 x) {
-  float m = x[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
-  return m;
-}
-inline float hsum(v16 x) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += x[i];
-  return s;
-}
 
 // exp(x) for x <= 0 (scores minus their row max): Cody-Waite reduction and a degree-6
 // polynomial, ~1 ulp; below -87 it returns 0.
@@ -142,26 +114,6 @@ float* scratch(size_t n) {
   thread_local std::vector<float> buf;
   if (buf.size() < n) buf.resize(n);
   return buf.data();
-}
-
-// Runs f(0..n-1) on the calling thread and the intra-op pool's threads. Late pool tasks
-// find the counter spent and return without touching f; the caller waits for every index.
-template <class F>
-void parallel_for(ffi::ThreadPool& pool, int n, const F& f) {
-  struct State {
-    std::atomic<int> next{0}, done{0};
-  };
-  auto st = std::make_shared<State>();
-  auto work = [st, n, fp = &f]() {
-    for (int i; (i = st->next.fetch_add(1)) < n;) {
-      (*fp)(i);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const long helpers = std::min<long>(pool.num_threads(), n) - 1;
-  for (long w = 0; w < helpers; ++w) pool.Schedule(decltype(work)(work));
-  work();
-  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 // Keys head kv of batch b, transposed to [H, S] (the B operand of q k^T needs rows of keys).
@@ -379,3 +331,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<bool>("causal")
                                   .Attr<float>("rate"));
+
+}  // namespace lm

@@ -1,82 +1,17 @@
-"""The fused CPU attention kernel (cpu_attention.cc): build, load, call, differentiate.
+"""The fused CPU attention kernel (cpu_attention.cc): call and differentiate.
 
-The C++ source is compiled on first use with the system's C++ compiler for this machine
-(-march=native) against the XLA FFI headers that ship in jaxlib, and cached under
-~/.cache/lm/kernels keyed by the source, jaxlib's version and the CPU; set LM_KERNEL_DIR to
-move the cache. Without a compiler `available()` is False (with the reason in
-`unavailable_reason()`) and lm.models.layers uses lm/ops/attention.py instead.
+Built and registered by lm/ops/cpu_kernels.py; where `cpu_kernels.available()` is False,
+lm.models.layers uses lm/ops/attention.py instead.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 Array = jax.Array
-SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
-_FAILURE: list[str] = []
-
-
-def _cpu_id() -> str:
-  try:
-    info = pathlib.Path('/proc/cpuinfo').read_text()
-    lines = [ln for ln in info.splitlines() if ln.startswith(('model name', 'flags'))]
-    return '\n'.join(sorted(set(lines)))
-  except OSError:
-    return platform.processor()
-
-
-def _compile() -> pathlib.Path:
-  cxx = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
-  if cxx is None:
-    raise RuntimeError('no C++ compiler (install g++, or set CXX)')
-  flags = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC',
-           f'-I{jax.ffi.include_dir()}']
-  key = hashlib.sha256('\n'.join([SOURCE.read_text(), jaxlib.__version__, _cpu_id(), cxx,
-                                  *flags]).encode()).hexdigest()[:16]
-  cache = pathlib.Path(os.environ.get('LM_KERNEL_DIR', '~/.cache/lm/kernels')).expanduser()
-  lib = cache / f'cpu_attention-{key}.so'
-  if lib.exists():
-    return lib
-  cache.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: atomic
-    out = pathlib.Path(tmp) / lib.name
-    proc = subprocess.run([cxx, *flags, str(SOURCE), '-o', str(out)], capture_output=True,
-                          text=True, check=False)
-    if proc.returncode:
-      raise RuntimeError(f'{cxx} failed on {SOURCE.name}:\n{proc.stderr[-2000:]}')
-    os.replace(out, lib)
-  return lib
-
-
-@functools.cache
-def available() -> bool:
-  """Builds (once per machine) and registers the kernel; False if that is impossible."""
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(_compile()))
-    for name in ('LmAttentionForward', 'LmAttentionBackward'):
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
-    return True
-  except Exception as e:  # pylint: disable=broad-except  (no compiler, read-only cache...)
-    _FAILURE.append(str(e))
-    logging.warning('CPU attention kernel unavailable, using the XLA attention: %s', e)
-    return False
-
-
-def unavailable_reason() -> str:
-  return _FAILURE[-1] if _FAILURE else ''
 
 
 def supports(q_BTNH: Array, k_BSKH: Array) -> bool:
