@@ -9,7 +9,8 @@ nanoGPT's README: best val loss 1.4697 on one A100 in about 3 minutes.
 On CPU this is the speed benchmark (batch 16):
   python scripts/benchmark.py --config=configs/shakespeare_char_gpu.py \
       --config.train.batch_size=16 --steps=10
-measured on 2 CPU cores (2026-11-23): ~1 min 15 s, 2,120-2,490 tokens/s, MFU 0.70-0.81.
+measured on 2 CPU cores (2026-12-02, AVX-512 Xeon): ~1 min, 2,990-3,130 tokens/s, MFU
+0.71-0.74 (nanoGPT in PyTorch eager, scripts/benchmark_nanogpt.py: 2,180-2,220 tokens/s).
 """
 from lm.config import base_config, gpt2_model
 
@@ -21,7 +22,7 @@ def get_config():
   c.data.update(dataset='text_files', path='../shared/data/tinyshakespeare.txt',
                 tokenizer='char', val_fraction=0.1)
   c.train.update(steps=5000, batch_size=64, log_every=50, eval_every=250, eval_steps=200,
-                 seed=1337, cpu_matmuls='onednn')  # on CPU: see trainer.compiler_options
+                 seed=1337, cpu_matmuls='ynn')  # on CPU: see trainer.compiler_options
   c.optimizer.update(name='adamw', lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=5000,
                      schedule='cosine', b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   c.checkpoint.update(every_steps=1000, keep=2)

@@ -206,6 +206,25 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize('style', ['gpt2', 'llama'])  # biases; GQA without biases
+def test_fused_qkv_matches_three_projections(style, monkeypatch):
+  """On one device q, k, v come from one matmul; on a mesh from three: the same function."""
+  from lm.models import layers  # pylint: disable=import-outside-toplevel
+  model, params = make(style, attention='xla')
+  def loss(p):
+    out = model.apply({'params': p}, tokens())
+    return jnp.mean(out ** 2), out
+  results = []
+  for one_device in (True, False):
+    monkeypatch.setattr(layers, '_one_device', lambda v=one_device: v)
+    results.append(jax.value_and_grad(loss, has_aux=True)(params))
+  ((_, fused), g_fused), ((_, three), g_three) = results
+  np.testing.assert_allclose(fused, three, atol=1e-5)
+  assert jax.tree.structure(g_fused) == jax.tree.structure(g_three)
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_three)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_init_follows_gpt2():
   model, params = make('gpt2', n_layers=8, d_model=256)
   std = lambda w: float(jnp.std(w))

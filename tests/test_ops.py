@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.ops import activations, attention, cpu_attention, cpu_kernels, dropout, linear, norms
+from lm.models.layers import contract
+from lm.ops import activations, attention, cpu_attention, cpu_kernels, dropout, norms
 
 # The C++ kernels need a compiler; where there is one, a failed build fails the tests.
 needs_cxx = pytest.mark.skipif(
@@ -149,16 +150,16 @@ def test_gelu_matches_jax():
 
 
 @pytest.mark.parametrize('in_dims', [1, 2])
-def test_linear_matches_dot_general(in_dims):
+def test_contract_matches_dot_general(in_dims):
   kx, kw, kc = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(kx, (2, 5, 4, 6))
   w = jax.random.normal(kw, x.shape[4 - in_dims:] + (7, 3))
   ref = lambda x, w: jax.lax.dot_general(
       x, w, ((tuple(range(4 - in_dims, 4)), tuple(range(in_dims))), ((), ())))
-  out = linear.linear(x, w, in_dims)
+  out = contract(x, w, in_dims)
   np.testing.assert_allclose(out, ref(x, w), rtol=1e-5, atol=1e-5)
   ct = jax.random.normal(kc, out.shape)
-  grads = jax.grad(lambda x, w: jnp.sum(linear.linear(x, w, in_dims) * ct), (0, 1))(x, w)
+  grads = jax.grad(lambda x, w: jnp.sum(contract(x, w, in_dims) * ct), (0, 1))(x, w)
   ref_grads = jax.grad(lambda x, w: jnp.sum(ref(x, w) * ct), (0, 1))(x, w)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The trainer: sharding equivalence, accumulation, resume, remesh, preemption, guards, CLI."""
 import gc
+import importlib.util
 import json
 import os
 import pathlib
@@ -309,6 +310,26 @@ def test_two_processes_match_one(data_dir, tmp_path):
   one, two = losses_of(tmp_path / 'one'), losses_of(tmp_path / 'two')
   assert sorted(one) == sorted(two) == [1, 2, 3, 4]
   np.testing.assert_allclose([one[s] for s in one], [two[s] for s in one], atol=1e-5)
+
+
+def test_nanogpt_reference_counts_flops_as_the_benchmark():
+  pytest.importorskip('torch')  # the test extras install it
+  args = ['--config=configs/tiny_gpt2.py', '--steps=2', '--config.model.vocab_size=64',
+          '--config.model.d_model=32']
+  out = run_script(['scripts/benchmark_nanogpt.py', *args])
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  from lm import models
+  from lm.train import flops
+  spec = importlib.util.spec_from_file_location('tiny_gpt2', ROOT / 'configs/tiny_gpt2.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.update(vocab_size=64, d_model=32)
+  assert result['model_flops_per_token'] == flops.flops_per_token(models.get_model(c.model))
+  assert result['tokens_per_sec'] > 0 and 0 < result['mfu'] < 1
+  llama = run_script(['scripts/benchmark_nanogpt.py', '--config=configs/tiny_llama.py'])
+  assert llama.returncode != 0 and 'GPT-2 style' in llama.stderr
 
 
 def test_benchmark_prints_the_metrics_contract():

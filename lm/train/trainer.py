@@ -148,9 +148,12 @@ def compiler_options(config, mesh) -> dict | None:
   """XLA options for the steps: train.cpu_matmuls='onednn' sends XLA:CPU's dots to oneDNN.
 
   XLA:CPU's default library (YNNPACK) runs each batched matmul of attention (B*N small
-  products) on one thread; oneDNN spreads them over the cores. Same-process A/B on 2 cores:
-  -10% step time on the 6x384, T=256 model, -3% on the 4x128, T=64 one. The option is
-  marked experimental in XLA, so it stays opt-in per config. Ignored off CPU.
+  products) on one thread; oneDNN spreads them over the cores: with XLA's attention, -10%
+  step time on the 6x384, T=256 model (same-process A/B, 2 cores). With the C++ attention
+  kernel the choice depends on the machine: on an AVX-512 Xeon with a ~295 GFLOP/s peak,
+  oneDNN and YNNPACK tie on that model and YNNPACK is 11% faster on the 4x128, T=64 one
+  (its [768, 128] matmuls). The option is marked experimental in XLA, so it stays opt-in
+  per config. Ignored off CPU.
   """
   if config.train.cpu_matmuls not in ('ynn', 'onednn'):
     raise ValueError(f"train.cpu_matmuls must be 'ynn' or 'onednn', got "
