@@ -90,10 +90,7 @@ def main(argv):
       'warmup_steps': warmup, 'steps': _STEPS.value, 'seconds_per_step': seconds / _STEPS.value,
       'page_faults_per_step': faults / _STEPS.value,
       'peak_how': how}))
-  print(json.dumps({
-      'tokens_per_sec': tokens_per_sec, 'model_flops_per_token': fpt,
-      'model_flops_per_sec': tokens_per_sec * fpt, 'peak_flops_per_sec': peak,
-      'mfu': tokens_per_sec * fpt / peak}))
+  print(json.dumps(flops.speed_report(tokens_per_sec, fpt, peak)))
 
 
 if __name__ == '__main__':

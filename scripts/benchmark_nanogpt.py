@@ -114,10 +114,7 @@ def main(argv):
   print(json.dumps({'reference': 'nanoGPT (PyTorch eager)', 'torch': torch.__version__,
                     'threads': torch.get_num_threads(), 'batch_size': b,
                     'seconds_per_step': seconds / _STEPS.value, 'peak_how': how}))
-  print(json.dumps({
-      'tokens_per_sec': tokens_per_sec, 'model_flops_per_token': fpt,
-      'model_flops_per_sec': tokens_per_sec * fpt, 'peak_flops_per_sec': peak,
-      'mfu': tokens_per_sec * fpt / peak}))
+  print(json.dumps(flops.speed_report(tokens_per_sec, fpt, peak)))
 
 
 if __name__ == '__main__':

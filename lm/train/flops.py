@@ -40,6 +40,13 @@ def flops_per_token(model, seq_len: int | None = None) -> float:
   return 6.0 * matmul_params(model) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim_ * t
 
 
+def speed_report(tokens_per_sec: float, flops_per_token: float, peak: float) -> dict:
+  """The last line of scripts/benchmark*.py (the benchmark contract in DESIGN.md)."""
+  return {'tokens_per_sec': tokens_per_sec, 'model_flops_per_token': flops_per_token,
+          'model_flops_per_sec': tokens_per_sec * flops_per_token, 'peak_flops_per_sec': peak,
+          'mfu': tokens_per_sec * flops_per_token / peak}
+
+
 # XLA:CPU options that send every dot to oneDNN instead of YNNPACK (train.cpu_matmuls).
 ONEDNN_OPTIONS = {'xla_cpu_use_onednn': True,
                   'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
