@@ -186,9 +186,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
       self.it.set_state(s)
 
   monkeypatch.setattr(lm_data, 'make_train_iter', lambda *a, **k: Poisoned(real(*a, **k)))
-  c = tiny_config(data_dir)
+  c = tiny_config(data_dir, log_every=5, eval_every=4)  # step 8 evaluates, logs no metrics
   with pytest.raises(FloatingPointError, match='step 8'):
     trainer.train(c, tmp_path / 'run', log=lambda s: None)
+  lines = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in lines if 'eval/loss' in x] == [4]  # the bad state is not evaluated
   ckpt = ckpt_lib.Checkpointer(tmp_path / 'run', c.checkpoint)
   assert ckpt.latest_step() == 5
   _, params, _ = ckpt_lib.load_inference_run(tmp_path / 'run')

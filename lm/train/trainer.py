@@ -42,7 +42,7 @@ class Setup:
   abstract_state: Any  # ShapeDtypeStructs carrying the shardings
   batch_sharding: jax.sharding.NamedSharding
   init_state: Callable  # rng -> state (jitted, sharded)
-  train_step: Callable  # (state, batch) -> (state, metrics) (jitted, donated)
+  train_step: Callable  # (state, batch) -> (state, metrics) (jitted, donated; see 'finite')
   eval_step: Callable  # (params, batch) -> (loss_sum, weight_sum)
 
 
@@ -116,10 +116,12 @@ def build(config, devices=None) -> Setup:
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step leaves the state as it was; the host stops the run.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = dict(step=state['step'] + 1, params=keep(new_params, params),
-                     opt_state=keep(opt_state, state['opt_state']), rng=state['rng'])
+    # After a non-finite step (metrics['finite'] False) the state is not to be used: train()
+    # checks before it evaluates, saves or returns a state, and stops. Keeping the old state
+    # in the graph instead (a select on every leaf) made XLA copy the optimizer state each
+    # step: +3% step time on shakespeare_char.
+    new_state = dict(step=state['step'] + 1, params=new_params, opt_state=opt_state,
+                     rng=state['rng'])
     metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
                'train/lr': schedule(state['step']), 'finite': ok, 'tokens': weight_sum}
     metrics.update({f'train/{k}': v / denom for k, v in aux.items()})
@@ -337,6 +339,9 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
         writer.progress(done, last['train/loss'], tps)
       eval_loss = None
       if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
+        if pending is not None:  # never evaluate the state of a non-finite step
+          check(*pending)
+          pending = None
         ev = evaluate(setup, state['params'], config, tokenizer)
         eval_loss = ev['eval/loss']
         best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
