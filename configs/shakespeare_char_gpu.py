@@ -9,8 +9,9 @@ nanoGPT's README: best val loss 1.4697 on one A100 in about 3 minutes.
 On CPU this is the speed benchmark (batch 16):
   python scripts/benchmark.py --config=configs/shakespeare_char_gpu.py \
       --config.train.batch_size=16 --steps=10
-measured on 2 CPU cores (2026-12-02, AVX-512 Xeon): ~1 min, 2,990-3,130 tokens/s, MFU
-0.71-0.74 (nanoGPT in PyTorch eager, scripts/benchmark_nanogpt.py: 2,180-2,220 tokens/s).
+measured on 2 CPU cores (2026-12-02, AVX-512 Xeon): ~40 s, 2,990-3,580 tokens/s over two
+sets of runs, MFU 0.67-0.74 (nanoGPT in PyTorch eager, scripts/benchmark_nanogpt.py with the
+same flags, interleaved: 2,180-2,490 tokens/s).
 """
 from lm.config import base_config, gpt2_model
 
