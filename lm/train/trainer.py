@@ -313,6 +313,13 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
           ' is intact. Lower optimizer.lr, raise warmup, or enable grad_clip.')
     return m
 
+  def settle():
+    """Checks the step still in flight: before its state is evaluated, saved or returned."""
+    nonlocal pending
+    if pending is not None:
+      check(*pending)
+      pending = None
+
   with _Preempted() as preempted:
     for step in range(start, steps):
       batch = global_batch(setup, next(train_iter))
@@ -339,9 +346,7 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
         writer.progress(done, last['train/loss'], tps)
       eval_loss = None
       if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
-        if pending is not None:  # never evaluate the state of a non-finite step
-          check(*pending)
-          pending = None
+        settle()  # never evaluate the state of a non-finite step
         ev = evaluate(setup, state['params'], config, tokenizer)
         eval_loss = ev['eval/loss']
         best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
@@ -351,15 +356,12 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
         t_mark = None  # eval time is not training throughput
       stop = preempted.flag
       if done % config.checkpoint.every_steps == 0 or done == steps or stop:
-        if pending is not None:
-          check(*pending)
-          pending = None
+        settle()
         ckpt.save(done, state, train_iter.get_state(), config, eval_loss)
       if stop:
         log(f'SIGTERM: saved step {done} in {ckpt.directory}; exiting.')
         break
-    if pending is not None:
-      check(*pending)
+    settle()
   ckpt.close()
   writer.close()
   metrics_lib.plot_losses(workdir)
