@@ -19,7 +19,8 @@ from lm.config import base_config, gpt2_model
 def get_config():
   c = base_config()
   c.model.update(gpt2_model(vocab_size=0, max_len=256, n_layers=6, n_heads=6, d_model=384,
-                            embed_dropout=0.2, attn_dropout=0.2, resid_dropout=0.2))
+                            embed_dropout=0.2, attn_dropout=0.2, resid_dropout=0.2,
+                            use_bias=False))  # nanoGPT's default bias=False
   c.data.update(dataset='text_files', path='../shared/data/tinyshakespeare.txt',
                 tokenizer='char', val_fraction=0.1)
   c.train.update(steps=5000, batch_size=64, log_every=50, eval_every=250, eval_steps=200,

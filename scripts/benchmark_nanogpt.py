@@ -24,14 +24,15 @@ def build(m, torch):
   """nanoGPT's GPT (model.py) at the config's sizes."""
   nn, F = torch.nn, torch.nn.functional
   d, h, t, v, p = m.d_model, m.n_heads, m.max_len, m.vocab_size, m.resid_dropout
-  d_ff = m.d_ff or 4 * d
+  d_ff, bias = m.d_ff or 4 * d, m.use_bias  # nanoGPT's `bias` (train.py default: False)
+  norm = lambda: nn.LayerNorm(d, eps=m.norm_eps, bias=bias)
 
   class Block(nn.Module):
     def __init__(self):
       super().__init__()
-      self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=m.norm_eps), nn.LayerNorm(d, eps=m.norm_eps)
-      self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-      self.c_fc, self.mlp_proj = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+      self.ln_1, self.ln_2 = norm(), norm()
+      self.c_attn, self.c_proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
+      self.c_fc, self.mlp_proj = nn.Linear(d, d_ff, bias=bias), nn.Linear(d_ff, d, bias=bias)
       self.drop = nn.Dropout(p)
 
     def forward(self, x):
@@ -49,7 +50,7 @@ def build(m, torch):
       self.wte, self.wpe = nn.Embedding(v, d), nn.Embedding(t, d)
       self.drop = nn.Dropout(m.embed_dropout)
       self.h = nn.ModuleList(Block() for _ in range(m.n_layers))
-      self.ln_f = nn.LayerNorm(d, eps=m.norm_eps)
+      self.ln_f = norm()
       self.lm_head = nn.Linear(d, v, bias=False)
       self.wte.weight = self.lm_head.weight  # tied, as GPT-2
 
@@ -72,8 +73,7 @@ def main(argv):
   if config.model.vocab_size == 0:
     config = lm_config.resolve(config)
   m = config.model
-  wanted = dict(pos_embedding='learned', norm='layernorm', mlp='gelu', use_bias=True,
-                tie_embeddings=True)
+  wanted = dict(pos_embedding='learned', norm='layernorm', mlp='gelu', tie_embeddings=True)
   wrong = {k: m[k] for k, want in wanted.items() if m[k] != want}
   if wrong or m.n_kv_heads not in (0, m.n_heads):
     raise ValueError(f'nanoGPT is GPT-2 style ({wanted}, no GQA); this config has {wrong}'

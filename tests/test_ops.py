@@ -89,6 +89,14 @@ def test_cpu_kernel_matches_reference_with_segments_and_dropout(kv_heads):
     fn = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, seg, seed, True, rate))
     ref = lambda q, k, v: reference_attention(q, k, v, allowed, keep_BNTS, rate)
     check_against_reference(fn, ref, (q, k, v), atol=1e-5)
+    # The packed entry: q, k, v side by side in one [B, T, (N + 2K) H] array (its gradient
+    # comes back in that layout; check_against_reference compares gradients per input).
+    def packed(q, k, v):
+      qkv_BTE = jnp.concatenate([x.reshape(2, 32, -1) for x in (q, k, v)], axis=-1)
+      return cpu_attention.packed_attention(qkv_BTE, seg, seed, 4, kv_heads, True, rate)
+    check_against_reference(jax.jit(packed), ref, (q, k, v), atol=1e-5)
+    assert cpu_attention.supports_packed(jnp.zeros((2, 32, (4 + 2 * kv_heads) * 16)), 4,
+                                         kv_heads)
 
 
 @needs_cxx

@@ -317,7 +317,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
 def test_nanogpt_reference_counts_flops_as_the_benchmark():
   pytest.importorskip('torch')  # the test extras install it
   args = ['--config=configs/tiny_gpt2.py', '--steps=2', '--config.model.vocab_size=64',
-          '--config.model.d_model=32']
+          '--config.model.d_model=32', '--config.model.use_bias=False']  # as nanoGPT's default
   out = run_script(['scripts/benchmark_nanogpt.py', *args])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -327,7 +327,7 @@ def test_nanogpt_reference_counts_flops_as_the_benchmark():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  c.model.update(vocab_size=64, d_model=32)
+  c.model.update(vocab_size=64, d_model=32, use_bias=False)
   assert result['model_flops_per_token'] == flops.flops_per_token(models.get_model(c.model))
   assert result['tokens_per_sec'] > 0 and 0 < result['mfu'] < 1
   llama = run_script(['scripts/benchmark_nanogpt.py', '--config=configs/tiny_llama.py'])

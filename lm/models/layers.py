@@ -143,6 +143,18 @@ def _one_device() -> bool:
   return jax.device_count() == 1
 
 
+def _attention_impl(implementation: str, dtype) -> str:
+  """model.attention with 'auto' resolved for this backend and dtype."""
+  if implementation not in ('xla', 'cudnn', 'cpu', 'auto'):
+    raise ValueError(
+        f"model.attention must be 'xla', 'cudnn', 'cpu' or 'auto', got {implementation!r}")
+  if implementation != 'auto':
+    return implementation
+  backend = jax.default_backend()
+  return ('cudnn' if backend == 'gpu' and dtype == jnp.bfloat16 else
+          'cpu' if backend == 'cpu' else 'xla')
+
+
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
                           implementation: str, dropout_rate: float = 0.0,
                           dropout_rng=None, segment_ids_BT=None) -> Array:
@@ -157,14 +169,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
   'auto' picks cuDNN on a GPU with 16-bit inputs and 'cpu' on a CPU. is_causal: keys
   after each query are masked too (they may also be masked in mask_B1TS).
   """
-  impl = implementation
-  if impl not in ('xla', 'cudnn', 'cpu', 'auto'):
-    raise ValueError(
-        f"model.attention must be 'xla', 'cudnn', 'cpu' or 'auto', got {implementation!r}")
-  if impl == 'auto':
-    backend = jax.default_backend()
-    impl = ('cudnn' if backend == 'gpu' and q_BTNH.dtype == jnp.bfloat16 else
-            'cpu' if backend == 'cpu' else 'xla')
+  impl = _attention_impl(implementation, q_BTNH.dtype)
   use_dropout = dropout_rate > 0.0 and dropout_rng is not None
   if impl == 'cudnn' and not use_dropout:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
@@ -190,6 +195,8 @@ class Attention(nn.Module):
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
     cfg = self.cfg
     dtype = cfg.compute_dtype
+    b, t = x_BTD.shape[:2]
+    seg_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
     proj = lambda n, axes, name: Linear((n, cfg.head_dim_), ('embed',) + axes, 1, cfg.use_bias,
                                         cfg.init_std, dtype, name=name)
     heads = ((cfg.n_heads, ('heads', 'head_dim'), 'query'),
@@ -205,6 +212,18 @@ class Attention(nn.Module):
           [w.reshape(d, -1) for w, _ in ws], axis=-1).astype(dtype))
       if cfg.use_bias:
         y_BTE = y_BTE + jnp.concatenate([bias.reshape(-1) for _, bias in ws]).astype(dtype)
+      if (not self.decode and cfg.pos_embedding != 'rope' and not cfg.sliding_window
+          and _attention_impl(cfg.attention, dtype) == 'cpu'
+          and cpu_attention.supports_packed(y_BTE, cfg.n_heads, cfg.kv_heads)
+          and cpu_kernels.available()):
+        # The C++ kernel reads q, k, v where the projection wrote them and writes their
+        # gradient the same way: no split here, no concatenation in the backward.
+        rng = self._dropout_rng()
+        seed = (jnp.zeros((2,), jnp.uint32) if rng is None else dropout_ops.seed_from_key(rng))
+        out_BTNH = cpu_attention.packed_attention(y_BTE, seg_BT, seed, cfg.n_heads,
+                                                  cfg.kv_heads, True,
+                                                  cfg.attn_dropout if rng is not None else 0.0)
+        return self._out(out_BTNH)
       splits = np.cumsum([n * cfg.head_dim_ for n, _, _ in heads])[:-1]
       q_BTNH, k_BTKH, v_BTKH = (
           part.reshape(part.shape[:-1] + (n, cfg.head_dim_))
@@ -217,8 +236,6 @@ class Attention(nn.Module):
       q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
       k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
-    b, t = x_BTD.shape[:2]
-    seg_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
     kernel_seg_BT = None  # segment ids for the CPU kernel, when its mask is the whole mask
     if self.decode:
       k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)
@@ -234,15 +251,24 @@ class Attention(nn.Module):
       if not cfg.sliding_window:
         kernel_seg_BT = seg_BT
 
-    use_dropout = cfg.attn_dropout > 0.0 and not self.deterministic
+    rng = self._dropout_rng()
     out_BTNH = dot_product_attention(
         q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask_B1TS, is_causal=is_causal,
-        implementation=cfg.attention, dropout_rate=cfg.attn_dropout if use_dropout else 0.0,
-        dropout_rng=self.make_rng('dropout') if use_dropout else None,
-        segment_ids_BT=kernel_seg_BT)
+        implementation=cfg.attention, dropout_rate=cfg.attn_dropout if rng is not None else 0.0,
+        dropout_rng=rng, segment_ids_BT=kernel_seg_BT)
+    return self._out(out_BTNH)
+
+  def _dropout_rng(self):
+    """The key for attention dropout, or None when it is off."""
+    if self.cfg.attn_dropout > 0.0 and not self.deterministic:
+      return self.make_rng('dropout')
+    return None
+
+  def _out(self, out_BTNH: Array) -> Array:
+    cfg = self.cfg
     out_BTNH = constrain(out_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
     return Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), 2, cfg.use_bias,
-                  self.resid_std, dtype, name='out')(out_BTNH)
+                  self.resid_std, cfg.compute_dtype, name='out')(out_BTNH)
 
   def _update_cache(self, k_BTKH, v_BTKH, seg_BT):
     """Writes T new keys/values at cache_index; returns the whole cache and its mask.

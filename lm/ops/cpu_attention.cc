@@ -9,6 +9,8 @@
 //
 // Layouts are the model's: q, out [B, T, N, H]; k, v [B, S, K, H] (K divides N: GQA);
 // segment ids [B, T] and [B, S] (a query attends keys of its own segment); lse [B, N, T].
+// The packed entry points take q, k, v side by side in one [B, T, (N + 2K) H] projection
+// (and give dq, dk, dv back the same way): no slices, no concatenation around the kernel.
 // Dropout hashes each score's index in [B, N, T, S] exactly as lm/ops/dropout.py does, so
 // the mask equals the XLA path's. Requires float32, H % 16 == 0, T % 16 == 0, S == T.
 #include <algorithm>
@@ -98,6 +100,7 @@ void gemm(int m, const float* a, long ai, long ak, const float* b, long ldb, flo
 
 struct Dims {
   long B, T, S, N, K, H;
+  long ldq, ldk;  // floats from one time step to the next in q (dq) and in k, v (dk, dv)
   bool causal;
   float rate;
   uint32_t seed0, seed1;
@@ -121,15 +124,15 @@ float* scratch(size_t n) {
 // stride of S floats, thrashes L1's sets.
 void transpose_keys(const float* k, const Dims& d, long b, long kv, float* kt) {
   for (long j0 = 0; j0 < d.S; j0 += 16) {
-    const float* rows = k + ((b * d.S + j0) * d.K + kv) * d.H;
+    const float* rows = k + (b * d.S + j0) * d.ldk + kv * d.H;
     for (long h = 0; h < d.H; ++h)
-      for (long j = 0; j < 16; ++j) kt[h * d.S + j0 + j] = rows[j * d.K * d.H + h];
+      for (long j = 0; j < 16; ++j) kt[h * d.S + j0 + j] = rows[j * d.ldk + h];
   }
 }
 
 // Scores of head n: sc[T, S] = q_n k^T for the tiles below the causal diagonal.
 void scores(const float* q, const float* kt, const Dims& d, long b, long n, float* sc) {
-  gemm(d.T, q + (b * d.T * d.N + n) * d.H, d.N * d.H, 1, kt, d.S, sc, d.S, false,
+  gemm(d.T, q + b * d.T * d.ldq + n * d.H, d.ldq, 1, kt, d.S, sc, d.S, false,
        [&](int) { return std::pair<int, int>(0, d.H); }, [&](int i0) { return d.ncols(i0); });
 }
 
@@ -199,7 +202,7 @@ void forward_task(const float* q, const float* k, const float* v, const int32_t*
         store(row + j, rm.keep(j) ? load(row + j) * norm : v16{});
     }
     // out_n = P v, over the keys each row block may see.
-    gemm(d.T, sc, d.S, 1, v + (b * d.S * d.K + kv) * d.H, d.K * d.H,
+    gemm(d.T, sc, d.S, 1, v + b * d.S * d.ldk + kv * d.H, d.ldk,
          out + (b * d.T * d.N + n) * d.H, d.N * d.H, false,
          [&](int i0) { return std::pair<int, int>(0, d.kend(i0)); },
          [&](int) { return static_cast<int>(d.H); });
@@ -218,12 +221,13 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
   transpose_keys(v, d, b, kv, vt);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
   const float keep_scale = d.rate > 0.0f ? 1.0f / (1.0f - d.rate) : 1.0f;
-  const long ld = d.N * d.H, ldk = d.K * d.H;
-  const float* k_b = k + (b * d.S * d.K + kv) * d.H;
-  float* dk_b = dk + (b * d.S * d.K + kv) * d.H;
-  float* dv_b = dv + (b * d.S * d.K + kv) * d.H;
+  const long ld = d.N * d.H, ldk = d.ldk, ldq = d.ldq;
+  const long koff = b * d.S * ldk + kv * d.H;
+  const float* k_b = k + koff;
+  float* dk_b = dk + koff;
+  float* dv_b = dv + koff;
   for (long n = kv * d.G(); n < (kv + 1) * d.G(); ++n) {
-    const long off = (b * d.T * d.N + n) * d.H;
+    const long off = (b * d.T * d.N + n) * d.H, qoff = b * d.T * ldq + n * d.H;
     const bool acc = n > kv * d.G();  // dk, dv sum over the group's query heads
     scores(q, kt, d, b, n, p);
     gemm(d.T, dout + off, ld, 1, vt, d.S, ds, d.S, false,
@@ -250,17 +254,17 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
     auto qrange = [&](int j0) { return std::pair<int, int>(d.qbeg(j0), d.T); };
     auto hcols = [&](int) { return static_cast<int>(d.H); };
     gemm(d.S, p, 1, d.S, dout + off, ld, dv_b, ldk, acc, qrange, hcols);
-    gemm(d.S, ds, 1, d.S, q + off, ld, dk_b, ldk, acc, qrange, hcols);
-    gemm(d.T, ds, d.S, 1, k_b, ldk, dq + off, ld, false,
+    gemm(d.S, ds, 1, d.S, q + qoff, ldq, dk_b, ldk, acc, qrange, hcols);
+    gemm(d.T, ds, d.S, 1, k_b, ldk, dq + qoff, ldq, false,
          [&](int i0) { return std::pair<int, int>(0, d.kend(i0)); }, hcols);
   }
 }
 
-Dims dims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+// q [B, T, N, H] and k [B, S, K, H]; a time step of q is ldq floats on, of k and v ldk.
+Dims dims(const ffi::Span<const int64_t>& qd, long S, long K, long ldq, long ldk,
           const ffi::Buffer<ffi::U32>& seed, bool causal, float rate) {
-  auto qd = q.dimensions(), kd = k.dimensions();
   const uint32_t* s = seed.typed_data();
-  return Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], causal, rate, s[0], s[1]};
+  return Dims{qd[0], qd[1], S, qd[2], K, qd[3], ldq, ldk, causal, rate, s[0], s[1]};
 }
 
 ffi::Error check(const Dims& d) {
@@ -270,65 +274,124 @@ ffi::Error check(const Dims& d) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg,
-                   ffi::Buffer<ffi::S32> kseg, ffi::Buffer<ffi::U32> seed,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                   bool causal, float rate) {
-  const Dims d = dims(q, k, seed, causal, rate);
+ffi::Error RunForward(ffi::ThreadPool& pool, const Dims& d, const float* q, const float* k,
+                      const float* v, const int32_t* qseg, const int32_t* kseg, float* out,
+                      float* lse) {
+  if (auto e = check(d); e.failure()) return e;
+  parallel_for(pool, d.B * d.K,
+               [&](int task) { forward_task(q, k, v, qseg, kseg, d, task, out, lse); });
+  return ffi::Error::Success();
+}
+
+ffi::Error RunBackward(ffi::ThreadPool& pool, const Dims& d, const float* q, const float* k,
+                       const float* v, const int32_t* qseg, const int32_t* kseg,
+                       const float* out, const float* lse, const float* dout, float* dq,
+                       float* dk, float* dv) {
   if (auto e = check(d); e.failure()) return e;
   parallel_for(pool, d.B * d.K, [&](int task) {
-    forward_task(q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
-                 kseg.typed_data(), d, task, out->typed_data(), lse->typed_data());
+    backward_task(q, k, v, qseg, kseg, out, lse, dout, d, task, dq, dk, dv);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg,
-                    ffi::Buffer<ffi::S32> kseg, ffi::Buffer<ffi::U32> seed,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    bool causal, float rate) {
-  const Dims d = dims(q, k, seed, causal, rate);
-  if (auto e = check(d); e.failure()) return e;
-  parallel_for(pool, d.B * d.K, [&](int task) {
-    backward_task(q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
-                  kseg.typed_data(), out.typed_data(), lse.typed_data(), dout.typed_data(), d,
-                  task, dq->typed_data(), dk->typed_data(), dv->typed_data());
-  });
+using F32 = ffi::Buffer<ffi::F32>;
+using Seg = ffi::Buffer<ffi::S32>;
+using Seed = ffi::Buffer<ffi::U32>;
+using Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, Seg qseg, Seg kseg, Seed seed,
+                   Out out, Out lse, bool causal, float rate) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  const Dims d = dims(qd, kd[1], kd[2], qd[2] * qd[3], kd[2] * kd[3], seed, causal, rate);
+  return RunForward(pool, d, q.typed_data(), k.typed_data(), v.typed_data(),
+                    qseg.typed_data(), kseg.typed_data(), out->typed_data(), lse->typed_data());
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, Seg qseg, Seg kseg, Seed seed,
+                    F32 out, F32 lse, F32 dout, Out dq, Out dk, Out dv, bool causal,
+                    float rate) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  const Dims d = dims(qd, kd[1], kd[2], qd[2] * qd[3], kd[2] * kd[3], seed, causal, rate);
+  return RunBackward(pool, d, q.typed_data(), k.typed_data(), v.typed_data(),
+                     qseg.typed_data(), kseg.typed_data(), out.typed_data(), lse.typed_data(),
+                     dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
+}
+
+// Packed: qkv [B, T, E] with E = (N + 2K) H; N and H from out [B, T, N, H].
+ffi::Error packed_dims(const F32& qkv, ffi::Span<const int64_t> od, const Seed& seed,
+                       bool causal, float rate, Dims* d) {
+  const long e = qkv.dimensions()[2], nh = od[2] * od[3];
+  if ((e - nh) <= 0 || (e - nh) % (2 * od[3]))
+    return ffi::Error::InvalidArgument("lm attention kernel: packed qkv width is not "
+                                       "(N + 2K) * H for the output's N and H");
+  *d = dims(od, od[1], (e - nh) / (2 * od[3]), e, e, seed, causal, rate);
   return ffi::Error::Success();
 }
 
-// The arguments both handlers start with.
-auto BindInputs() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()   // q
-      .Arg<ffi::Buffer<ffi::F32>>()   // k
-      .Arg<ffi::Buffer<ffi::F32>>()   // v
-      .Arg<ffi::Buffer<ffi::S32>>()   // query segment ids
-      .Arg<ffi::Buffer<ffi::S32>>()   // key segment ids
-      .Arg<ffi::Buffer<ffi::U32>>();  // dropout seed
+ffi::Error ForwardPacked(ffi::ThreadPool pool, F32 qkv, Seg qseg, Seg kseg, Seed seed,
+                         Out out, Out lse, bool causal, float rate) {
+  Dims d;
+  if (auto e = packed_dims(qkv, out->dimensions(), seed, causal, rate, &d); e.failure())
+    return e;
+  const float* q = qkv.typed_data();
+  return RunForward(pool, d, q, q + d.N * d.H, q + (d.N + d.K) * d.H, qseg.typed_data(),
+                    kseg.typed_data(), out->typed_data(), lse->typed_data());
+}
+
+ffi::Error BackwardPacked(ffi::ThreadPool pool, F32 qkv, Seg qseg, Seg kseg, Seed seed,
+                          F32 out, F32 lse, F32 dout, Out dqkv, bool causal, float rate) {
+  Dims d;
+  if (auto e = packed_dims(qkv, out.dimensions(), seed, causal, rate, &d); e.failure())
+    return e;
+  const float* q = qkv.typed_data();
+  float* dq = dqkv->typed_data();
+  const long kofs = d.N * d.H, vofs = (d.N + d.K) * d.H;
+  return RunBackward(pool, d, q, q + kofs, q + vofs, qseg.typed_data(), kseg.typed_data(),
+                     out.typed_data(), lse.typed_data(), dout.typed_data(), dq, dq + kofs,
+                     dq + vofs);
+}
+
+// Both kinds of handler: q, k, v (or qkv), then query and key segment ids, dropout seed.
+auto BindSeparate() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>()
+      .Arg<Seg>().Arg<Seg>().Arg<Seed>();
+}
+auto BindPacked() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<Seg>().Arg<Seg>().Arg<Seed>();
 }
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionForward, Forward,
-                              BindInputs()
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                              BindSeparate()
+                                  .Ret<F32>()  // out
+                                  .Ret<F32>()  // lse
                                   .Attr<bool>("causal")
                                   .Attr<float>("rate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, Backward,
-                              BindInputs()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                              BindSeparate()
+                                  .Arg<F32>()  // out
+                                  .Arg<F32>()  // lse
+                                  .Arg<F32>()  // dout
+                                  .Ret<F32>()  // dq
+                                  .Ret<F32>()  // dk
+                                  .Ret<F32>()  // dv
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionForwardPacked, ForwardPacked,
+                              BindPacked()
+                                  .Ret<F32>()  // out
+                                  .Ret<F32>()  // lse
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackwardPacked, BackwardPacked,
+                              BindPacked()
+                                  .Arg<F32>()  // out
+                                  .Arg<F32>()  // lse
+                                  .Arg<F32>()  // dout
+                                  .Ret<F32>()  // dqkv
                                   .Attr<bool>("causal")
                                   .Attr<float>("rate"));
 

@@ -26,7 +26,8 @@ import jaxlib
 _DIR = pathlib.Path(__file__).parent
 SOURCES = (_DIR / 'cpu_attention.cc', _DIR / 'cpu_norm.cc')
 HEADERS = (_DIR / 'cpu_kernels.h',)
-TARGETS = ('LmAttentionForward', 'LmAttentionBackward', 'LmNormForward', 'LmNormBackward')
+TARGETS = ('LmAttentionForward', 'LmAttentionBackward', 'LmAttentionForwardPacked',
+           'LmAttentionBackwardPacked', 'LmNormForward', 'LmNormBackward')
 _FAILURE: list[str] = []
 
 
