@@ -3,15 +3,15 @@
   python scripts/train.py --config=configs/shakespeare_char_gpu.py --workdir=/tmp/sgpu \
       --config.data.path=../shared/data/tinyshakespeare.txt
 
-6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2, AdamW lr 1e-3 (100 warmup,
-cosine to 1e-4 at 5000), beta2 0.99, weight decay 0.1, clip 1.0, 5000 iterations.
-nanoGPT's README: best val loss 1.4697 on one A100 in about 3 minutes.
-On CPU this is the speed benchmark (batch 16):
+6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2, no biases (nanoGPT's
+default), AdamW lr 1e-3 (100 warmup, cosine to 1e-4 at 5000), beta2 0.99, weight decay 0.1,
+clip 1.0, 5000 iterations. nanoGPT's README: best val loss 1.4697 on one A100 in about 3
+minutes. On CPU this is the speed benchmark (batch 16):
   python scripts/benchmark.py --config=configs/shakespeare_char_gpu.py \
       --config.train.batch_size=16 --steps=10
-measured on 2 CPU cores (2026-12-02, AVX-512 Xeon): ~40 s, 2,990-3,580 tokens/s over two
-sets of runs, MFU 0.67-0.74 (nanoGPT in PyTorch eager, scripts/benchmark_nanogpt.py with the
-same flags, interleaved: 2,180-2,490 tokens/s).
+measured on 2 CPU cores (2026-12-02, AVX-512 Xeon): ~40 s, 3,880-3,930 tokens/s, MFU
+0.69-0.75 against a peak that read 365-403 GFLOP/s (nanoGPT in PyTorch eager,
+scripts/benchmark_nanogpt.py with the same flags, interleaved: 2,450-2,560 tokens/s).
 """
 from lm.config import base_config, gpt2_model
 
