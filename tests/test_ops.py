@@ -97,6 +97,7 @@ def test_cpu_kernel_matches_reference_with_segments_and_dropout(kv_heads):
     check_against_reference(jax.jit(packed), ref, (q, k, v), atol=1e-5)
     assert cpu_attention.supports_packed(jnp.zeros((2, 32, (4 + 2 * kv_heads) * 16)), 4,
                                          kv_heads)
+    assert not cpu_attention.supports_packed(jnp.zeros((2, 32, 200)), 4, kv_heads)
 
 
 @needs_cxx
