@@ -25,7 +25,8 @@ def get_config():
   c.data.update(dataset='text_files', path='../shared/data/tinyshakespeare.txt',
                 tokenizer='char', val_fraction=0.1)
   c.train.update(steps=2000, batch_size=12, log_every=50, eval_every=250, eval_steps=20,
-                 seed=1337, cpu_matmuls='ynn')  # on CPU: see trainer.compiler_options
+                 seed=1337, cpu_matmuls='ynn',  # on CPU: see trainer.compiler_options
+                 steps_per_call=10)  # a ~28 ms step: one dispatch per 10 (trainer.build)
   c.optimizer.update(name='adamw', lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000,
                      schedule='cosine', b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   c.checkpoint.update(every_steps=500, keep=2)

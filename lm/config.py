@@ -77,6 +77,7 @@ def base_config() -> mlc.ConfigDict:
       steps=1000,
       batch_size=8,  # global batch, in sequences
       microbatches=1,  # gradient accumulation: batch_size % microbatches == 0
+      steps_per_call=1,  # train steps per jitted call (lax.scan): dispatch paid once per call
       seed=0,
       log_every=50,
       eval_every=250,

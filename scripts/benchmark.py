@@ -47,48 +47,57 @@ def main(argv):
   rng = np.random.default_rng(0)
   def batch():
     x = rng.integers(0, v, (b, t + 1), dtype=np.int32)
-    return trainer.global_batch(setup, dict(
-        inputs=x[:, :-1], targets=x[:, 1:], segment_ids=np.ones((b, t), np.int32),
-        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
-        weights=np.ones((b, t), np.float32)))
-  batches = [batch() for _ in range(4)]
+    return dict(inputs=x[:, :-1], targets=x[:, 1:], segment_ids=np.ones((b, t), np.int32),
+                positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+                weights=np.ones((b, t), np.float32))
+  # train.steps_per_call = k > 1: k steps per call (setup.train_steps), as train.py runs them.
+  k = config.train.steps_per_call
+  if k > 1:
+    step_fn = setup.train_steps
+    batches = [trainer.global_batches(setup, [batch() for _ in range(k)]) for _ in range(2)]
+  else:
+    step_fn = setup.train_step
+    batches = [trainer.global_batch(setup, batch()) for _ in range(4)]
   page_faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
   def run(steps):
-    """As train.py: at most two steps in flight. Returns the page faults it took."""
+    """As train.py: at most two calls in flight. Runs `steps` rounded up to a multiple of
+    k; returns (steps run, the page faults they took)."""
     nonlocal state
     faults, previous = page_faults(), None
-    for i in range(steps):
-      state, metrics = setup.train_step(state, batches[i % 4])
+    calls = -(-steps // k)
+    for i in range(calls):
+      state, metrics = step_fn(state, batches[i % len(batches)])
       if previous is not None:
         jax.block_until_ready(previous)
       previous = metrics
     jax.block_until_ready((state, metrics))
-    return page_faults() - faults
+    return calls * k, page_faults() - faults
 
   # The kept heap (lm/train/host_memory.py) grows over the first steps, each faulting a
   # fresh copy of the step's temporaries in (~1.2 GB, 2.3x a settled step's time on
   # shakespeare_char_gpu): a one-off that a long run does not see. So the warm-up goes on,
-  # four steps at a time, until four steps fault in under 8 MB (at most 30 steps).
-  warmup = _WARMUP.value
-  run(warmup)
+  # four steps (or one call of k) at a time, until they fault in under 8 MB per four steps
+  # (at most 30 steps).
+  warmup = run(_WARMUP.value)[0]
   while warmup < 30:
-    warmup += 4
-    if run(4) < 2000:
+    ran, faults = run(4)
+    warmup += ran
+    if faults < 2000 * ran / 4:
       break
   start = time.perf_counter()
-  faults = run(_STEPS.value)
+  steps, faults = run(_STEPS.value)
   seconds = time.perf_counter() - start
   # The peak is a best case: timed again after the steps, the larger of the two, so a
   # slow second on this shared machine cannot shrink the denominator (MFU > 1 seen).
   peak = max(peak, flops.mesh_peak_flops_per_sec(setup.mesh)[0])
-  tokens_per_sec = b * t * _STEPS.value / seconds
+  tokens_per_sec = b * t * steps / seconds
   fpt = flops.flops_per_token(setup.model)
   print(json.dumps({
       'config': config.model.to_dict() | {'batch_size': b},
       'device': jax.devices()[0].device_kind, 'num_devices': len(setup.mesh.devices.flat),
-      'warmup_steps': warmup, 'steps': _STEPS.value, 'seconds_per_step': seconds / _STEPS.value,
-      'page_faults_per_step': faults / _STEPS.value,
+      'warmup_steps': warmup, 'steps': steps, 'steps_per_call': k,
+      'seconds_per_step': seconds / steps, 'page_faults_per_step': faults / steps,
       'peak_how': how}))
   print(json.dumps(flops.speed_report(tokens_per_sec, fpt, peak)))
 

@@ -1,4 +1,5 @@
 """The trainer: sharding equivalence, accumulation, resume, remesh, preemption, guards, CLI."""
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -148,6 +149,35 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path):
   assert (tmp_path / 'once' / 'tokenizer').is_dir()
 
 
+def test_steps_per_call_matches_one_step_per_call(data_dir, tmp_path, monkeypatch):
+  """train.steps_per_call=3 (lax.scan over 3 steps a call): the losses, evals and params of
+  one step per call, and a call that would pass a log, eval or save step is split."""
+  calls, real_build = [], trainer.build
+  def build(config, devices=None):  # count the K-step calls
+    setup = real_build(config, devices)
+    if setup.train_steps is None:
+      return setup
+    f = setup.train_steps
+    return dataclasses.replace(setup, train_steps=lambda s, b: calls.append(1) or f(s, b))
+  monkeypatch.setattr(trainer, 'build', build)
+  runs = {}
+  for k in (1, 3):
+    c = tiny_config(data_dir, steps=12, log_every=4, eval_every=6, steps_per_call=k)
+    c.checkpoint.update(every_steps=6)
+    out = trainer.train(c, tmp_path / f'k{k}', log=lambda s: None)
+    evals = {r['step']: r['eval/loss'] for r in metrics_lib.read_metrics(tmp_path / f'k{k}')
+             if 'eval/loss' in r}
+    runs[k] = losses_of(tmp_path / f'k{k}'), evals, jax.device_get(out['state']['params'])
+  assert len(calls) == 2  # steps 1-3 and 10-12; the steps between meet log/eval/save steps
+  (l1, e1, p1), (l3, e3, p3) = runs[1], runs[3]
+  assert sorted(l1) == sorted(l3) == [4, 8, 12] and sorted(e1) == sorted(e3) == [6, 12]
+  np.testing.assert_allclose([l3[s] for s in l1], [l1[s] for s in l1], rtol=1e-5)
+  np.testing.assert_allclose([e3[s] for s in e1], [e1[s] for s in e1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p3)
+  assert [trainer.steps_this_call(c, s) for s in range(12)] == [3, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                                3, 1, 1]
+
+
 def test_restore_onto_a_different_mesh(data_dir, tmp_path):
   c = tiny_config(data_dir, steps=4, eval_every=0)
   c.mesh.update(data=2, fsdp=2, tensor=2)
@@ -167,7 +197,9 @@ def test_restore_onto_a_different_mesh(data_dir, tmp_path):
     np.testing.assert_allclose([got[s] for s in (5, 6)], [want[s] for s in (5, 6)], atol=1e-4)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize('steps_per_call', [1, 2])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                              steps_per_call):
   from lm import data as lm_data
   real = lm_data.make_train_iter
 
@@ -186,8 +218,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
       self.it.set_state(s)
 
   monkeypatch.setattr(lm_data, 'make_train_iter', lambda *a, **k: Poisoned(real(*a, **k)))
-  c = tiny_config(data_dir, log_every=5, eval_every=4)  # step 8 evaluates, logs no metrics
-  with pytest.raises(FloatingPointError, match='step 8'):
+  # Step 8 evaluates and logs no metrics; with 2 steps a call, steps 7 and 8 share one.
+  c = tiny_config(data_dir, log_every=5, eval_every=4, steps_per_call=steps_per_call)
+  with pytest.raises(FloatingPointError, match='step 8 '):
     trainer.train(c, tmp_path / 'run', log=lambda s: None)
   lines = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert [x['step'] for x in lines if 'eval/loss' in x] == [4]  # the bad state is not evaluated
@@ -344,3 +377,10 @@ def test_benchmark_prints_the_metrics_contract():
   assert result['tokens_per_sec'] > 0 and 0 < result['mfu'] < 1
   assert result['model_flops_per_sec'] == pytest.approx(
       result['tokens_per_sec'] * result['model_flops_per_token'])
+  # Two steps a call (train.steps_per_call): --steps rounds up to whole calls.
+  out = run_script(['scripts/benchmark.py', '--config=configs/tiny_gpt2.py', '--steps=3',
+                    '--warmup=1', '--config.model.vocab_size=64', '--config.model.d_model=32',
+                    '--config.train.steps_per_call=2'])
+  assert out.returncode == 0, out.stderr[-3000:]
+  info, result = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+  assert info['steps'] == 4 and info['steps_per_call'] == 2 and result['tokens_per_sec'] > 0
