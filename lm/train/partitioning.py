@@ -89,6 +89,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """K batches stacked [K, batch, ...] (train.steps_per_call): the batch axis as above."""
+  return NamedSharding(mesh, P(None, ('data', 'fsdp')))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
