@@ -143,6 +143,11 @@ def _one_device() -> bool:
   return jax.device_count() == 1
 
 
+def _kernel_seed(rng) -> Array:
+  """The C++ attention kernel's dropout seed: hashed from rng, zeros when dropout is off."""
+  return jnp.zeros((2,), jnp.uint32) if rng is None else dropout_ops.seed_from_key(rng)
+
+
 def _attention_impl(implementation: str, dtype) -> str:
   """model.attention with 'auto' resolved for this backend and dtype."""
   if implementation not in ('xla', 'cudnn', 'cpu', 'auto'):
@@ -174,8 +179,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
   if impl == 'cudnn' and not use_dropout:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                         is_causal=is_causal, implementation='cudnn')
-  seed = (dropout_ops.seed_from_key(dropout_rng) if use_dropout
-          else jnp.zeros((2,), jnp.uint32))
+  seed = _kernel_seed(dropout_rng if use_dropout else None)
   rate = dropout_rate if use_dropout else 0.0
   if (impl == 'cpu' and segment_ids_BT is not None and is_causal and _one_device()
       and cpu_attention.supports(q_BTNH, k_BSKH) and cpu_kernels.available()):
@@ -219,8 +223,7 @@ class Attention(nn.Module):
         # The C++ kernel reads q, k, v where the projection wrote them and writes their
         # gradient the same way: no split here, no concatenation in the backward.
         rng = self._dropout_rng()
-        seed = (jnp.zeros((2,), jnp.uint32) if rng is None else dropout_ops.seed_from_key(rng))
-        out_BTNH = cpu_attention.packed_attention(y_BTE, seg_BT, seed, cfg.n_heads,
+        out_BTNH = cpu_attention.packed_attention(y_BTE, seg_BT, _kernel_seed(rng), cfg.n_heads,
                                                   cfg.kv_heads, True,
                                                   cfg.attn_dropout if rng is not None else 0.0)
         return self._out(out_BTNH)
