@@ -71,8 +71,9 @@ def packed_attention(qkv_BTE: Array, seg_BT: Array, seed: Array, n_heads: int, k
 def supports_packed(qkv_BTE: Array, n_heads: int, kv_heads: int) -> bool:
   b, t, e = qkv_BTE.shape
   h = e // (n_heads + 2 * kv_heads)
-  return e == (n_heads + 2 * kv_heads) * h and supports(jax.ShapeDtypeStruct((b, t, n_heads, h), qkv_BTE.dtype),
-                  jax.ShapeDtypeStruct((b, t, kv_heads, h), qkv_BTE.dtype))
+  return e == (n_heads + 2 * kv_heads) * h and supports(
+      jax.ShapeDtypeStruct((b, t, n_heads, h), qkv_BTE.dtype),
+      jax.ShapeDtypeStruct((b, t, kv_heads, h), qkv_BTE.dtype))
 
 
 def _forward_packed(qkv, seg, seed, n_heads, kv_heads, causal, rate):
