@@ -63,7 +63,7 @@ inline void tile(int k0, int k1, const float* a, long ai, long ak, const float* 
     v16 bv[NV];
     for (int v = 0; v < NV; ++v) {
       bv[v] = load(b + k * ldb + 16 * v);
-#if defined(__x86_64__)
+#if defined(__AVX512F__)
       asm("" : "+v"(bv[v]));  // keep B in registers: GCC would reload it for every row
 #endif
     }
@@ -104,6 +104,7 @@ struct Dims {
   bool causal;
   float rate;
   uint32_t seed0, seed1;
+  uint32_t threshold;  // dropout keeps a score whose hash is >= rate * 2^32
   long G() const { return N / K; }
   // Keys that query rows [i0, i0 + kRows) may see: [0, kend).
   int kend(int i0) const { return causal ? std::min<long>(S, i0 + kRows + (S - T)) : S; }
@@ -119,14 +120,41 @@ float* scratch(size_t n) {
   return buf.data();
 }
 
-// Keys head kv of batch b, transposed to [H, S] (the B operand of q k^T needs rows of keys).
-// 16 keys at a time, so each write fills a cache line: writing a column at a time, with a
-// stride of S floats, thrashes L1's sets.
+#if LM_HAS_SHUFFLE
+// One stage swaps bit S of the row index with bit S of the column index, between rows i
+// (bit S clear) and i + S of a 16 x 16 block; stages S = 1, 2, 4, 8 transpose it in registers.
+#define LM_LO(c, s) ((((c) & (s)) ? 16 : 0) + ((c) & ~(s)))
+#define LM_HI(c, s) ((((c) & (s)) ? 16 : 0) + ((c) | (s)))
+#define LM_IDX(F, s)                                                                      \
+  F(0, s), F(1, s), F(2, s), F(3, s), F(4, s), F(5, s), F(6, s), F(7, s), F(8, s), F(9, s), \
+      F(10, s), F(11, s), F(12, s), F(13, s), F(14, s), F(15, s)
+template <int S>
+inline void transpose_stage(v16* r) {
+  for (int i = 0; i < 16; ++i)
+    if (!(i & S)) {
+      const v16 a = r[i], b = r[i + S];
+      r[i] = __builtin_shufflevector(a, b, LM_IDX(LM_LO, S));
+      r[i + S] = __builtin_shufflevector(a, b, LM_IDX(LM_HI, S));
+    }
+}
+#endif
+
+// Keys head kv of batch b, transposed to [H, S] (the B operand of q k^T needs rows of keys):
+// 16 x 16 blocks, read as 16 vectors and transposed in registers.
 void transpose_keys(const float* k, const Dims& d, long b, long kv, float* kt) {
   for (long j0 = 0; j0 < d.S; j0 += 16) {
     const float* rows = k + (b * d.S + j0) * d.ldk + kv * d.H;
-    for (long h = 0; h < d.H; ++h)
-      for (long j = 0; j < 16; ++j) kt[h * d.S + j0 + j] = rows[j * d.ldk + h];
+    for (long h0 = 0; h0 < d.H; h0 += 16) {
+#if LM_HAS_SHUFFLE
+      v16 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = load(rows + j * d.ldk + h0);
+      transpose_stage<1>(r), transpose_stage<2>(r), transpose_stage<4>(r), transpose_stage<8>(r);
+      for (int h = 0; h < 16; ++h) store(kt + (h0 + h) * d.S + j0, r[h]);
+#else
+      for (long h = h0; h < h0 + 16; ++h)
+        for (long j = 0; j < 16; ++j) kt[h * d.S + j0 + j] = rows[j * d.ldk + h];
+#endif
+    }
   }
 }
 
@@ -143,13 +171,11 @@ struct RowMask {
   const int32_t* kseg;  // [S] of this batch row
   int32_t qseg;
   long i, jmax;
-  uint32_t idx0, threshold;
+  uint32_t idx0;
   RowMask(const Dims& d, const int32_t* qs, const int32_t* ks, long b, long n, long i)
       : d(d), kseg(ks), qseg(qs[i]), i(i),
         jmax(d.causal ? std::min<long>(d.S, i + 1 + (d.S - d.T)) : d.S),
-        idx0(static_cast<uint32_t>(((b * d.N + n) * d.T + i) * d.S)),
-        threshold(static_cast<uint32_t>(
-            std::min(std::llround(static_cast<double>(d.rate) * 4294967296.0), 4294967295LL))) {}
+        idx0(static_cast<uint32_t>(((b * d.N + n) * d.T + i) * d.S)) {}
   i16 allowed(long j) const {
     return (iota16() + static_cast<int32_t>(j) < static_cast<int32_t>(jmax)) &
            (load_i(kseg + j) == qseg);
@@ -157,7 +183,7 @@ struct RowMask {
   i16 keep(long j) const {
     if (d.rate <= 0.0f) return ~i16{};
     const w16 idx = (w16)iota16() + (idx0 + static_cast<uint32_t>(j));
-    return (i16)(mix32(mix32(idx + d.seed0) ^ d.seed1) >= threshold);
+    return (i16)(mix32(mix32(idx + d.seed0) ^ d.seed1) >= d.threshold);
   }
 };
 
@@ -213,10 +239,11 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
                    const int32_t* kseg, const float* out, const float* lse, const float* dout,
                    const Dims& d, long task, float* dq, float* dk, float* dv) {
   const long b = task / d.K, kv = task % d.K;
-  float* kt = scratch(2 * d.H * d.S + 2 * d.T * d.S);
+  float* kt = scratch(2 * d.H * d.S + 2 * d.T * d.S + d.T);
   float* vt = kt + d.H * d.S;
   float* p = vt + d.H * d.S;  // dropped-out probabilities, then
   float* ds = p + d.T * d.S;  // dO v^T, then dS (scaled)
+  float* delta = ds + d.T * d.S;  // [T]: rowsum(out * dout) of the head
   transpose_keys(k, d, b, kv, kt);
   transpose_keys(v, d, b, kv, vt);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
@@ -232,13 +259,15 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
     scores(q, kt, d, b, n, p);
     gemm(d.T, dout + off, ld, 1, vt, d.S, ds, d.S, false,
          [&](int) { return std::pair<int, int>(0, d.H); }, [&](int i0) { return d.ncols(i0); });
-    for (long i = 0; i < d.T; ++i) {
-      RowMask rm(d, qseg + b * d.T, kseg + b * d.S, b, n, i);
-      const float* o_i = out + off + i * ld;
-      const float* do_i = dout + off + i * ld;
+    for (long i = 0; i < d.T; ++i) {  // apart from the loop below: its loads overlap
+      const float *o_i = out + off + i * ld, *do_i = dout + off + i * ld;
       v16 dl{};
       for (long h = 0; h < d.H; h += 16) dl += load(o_i + h) * load(do_i + h);
-      const float delta = hsum(dl), l = lse[(b * d.N + n) * d.T + i];
+      delta[i] = hsum(dl);
+    }
+    for (long i = 0; i < d.T; ++i) {
+      RowMask rm(d, qseg + b * d.T, kseg + b * d.S, b, n, i);
+      const float l = lse[(b * d.N + n) * d.T + i];
       float* prow = p + i * d.S;
       float* drow = ds + i * d.S;
       const long end = d.ncols(i / kRows * kRows);
@@ -247,7 +276,7 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
         v16 pr = ok ? vexp(load(prow + j) * scale - l) : v16{};
         v16 dp = kept ? load(drow + j) * keep_scale : v16{};
         store(prow + j, kept ? pr * keep_scale : v16{});
-        store(drow + j, pr * (dp - delta) * scale);
+        store(drow + j, pr * (dp - delta[i]) * scale);
       }
     }
     // dv += P^T dO and dk += dS^T q (P, dS read transposed); dq = dS k.
@@ -264,7 +293,9 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
 Dims dims(const ffi::Span<const int64_t>& qd, long S, long K, long ldq, long ldk,
           const ffi::Buffer<ffi::U32>& seed, bool causal, float rate) {
   const uint32_t* s = seed.typed_data();
-  return Dims{qd[0], qd[1], S, qd[2], K, qd[3], ldq, ldk, causal, rate, s[0], s[1]};
+  const auto threshold = static_cast<uint32_t>(
+      std::min(std::llround(static_cast<double>(rate) * 4294967296.0), 4294967295LL));
+  return Dims{qd[0], qd[1], S, qd[2], K, qd[3], ldq, ldk, causal, rate, s[0], s[1], threshold};
 }
 
 ffi::Error check(const Dims& d) {

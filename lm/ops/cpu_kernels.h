@@ -28,6 +28,32 @@ inline i16 load_i(const int32_t* p) { return *reinterpret_cast<const i16u*>(p); 
 inline v16 splat(float x) { return v16{} + x; }
 inline i16 iota16() { return i16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#define LM_HAS_SHUFFLE 1
+#else
+#define LM_HAS_SHUFFLE 0
+#endif
+
+// Horizontal max and sum as a tree of halving shuffles (4 dependent steps, not 15).
+#if LM_HAS_SHUFFLE
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+template <class Op>
+inline float reduce16(v16 x, Op op) {
+  const v8 a = op(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                  __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  v4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  b = op(b, __builtin_shufflevector(b, b, 2, 3, 0, 1));
+  b = op(b, __builtin_shufflevector(b, b, 1, 0, 3, 2));
+  return b[0];
+}
+inline float hmax(v16 x) {
+  return reduce16(x, [](auto a, auto b) { return a > b ? a : b; });
+}
+inline float hsum(v16 x) {
+  return reduce16(x, [](auto a, auto b) { return a + b; });
+}
+#else
 inline float hmax(v16 x) {
   float m = x[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
@@ -38,6 +64,7 @@ inline float hsum(v16 x) {
   for (int i = 0; i < 16; ++i) s += x[i];
   return s;
 }
+#endif
 
 // Runs f(0..n-1) on the calling thread and the intra-op pool's threads. Late pool tasks
 // find the counter spent and return without touching f; the caller waits for every index.
