@@ -104,6 +104,7 @@ def base_config() -> mlc.ConfigDict:
       weight_decay_mask="2d",  # 2d (matrices only, as GPT-2) | all | none
       grad_clip=1.0,  # 0: off
       trainable="all",  # regex over parameter paths; "all" trains everything
+      fused=True,  # AdamW as one C++ op on one CPU device (optim.fused_update)
   ))
 
   c.checkpoint = mlc.ConfigDict(dict(

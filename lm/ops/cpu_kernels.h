@@ -5,11 +5,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -26,6 +31,14 @@ inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
 inline i16 load_i(const int32_t* p) { return *reinterpret_cast<const i16u*>(p); }
 inline v16 splat(float x) { return v16{} + x; }
+inline v16 vsqrt(v16 x) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_sqrt_ps((__m512)x);
+#else
+  for (int i = 0; i < 16; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+#endif
+}
 inline i16 iota16() { return i16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
 #if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)

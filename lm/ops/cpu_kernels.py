@@ -24,10 +24,10 @@ import jax
 import jaxlib
 
 _DIR = pathlib.Path(__file__).parent
-SOURCES = (_DIR / 'cpu_attention.cc', _DIR / 'cpu_norm.cc')
+SOURCES = (_DIR / 'cpu_attention.cc', _DIR / 'cpu_norm.cc', _DIR / 'cpu_adamw.cc')
 HEADERS = (_DIR / 'cpu_kernels.h',)
 TARGETS = ('LmAttentionForward', 'LmAttentionBackward', 'LmAttentionForwardPacked',
-           'LmAttentionBackwardPacked', 'LmNormForward', 'LmNormBackward')
+           'LmAttentionBackwardPacked', 'LmNormForward', 'LmNormBackward', 'LmAdamW')
 _FAILURE: list[str] = []
 
 

@@ -82,3 +82,36 @@ def make_optimizer(oc, total_steps: int, params) -> tuple[optax.GradientTransfor
                           trainable_mask(params, oc.trainable))
     tx = optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def fused_update(oc, schedule: optax.Schedule, params, mesh):
+  """A one-op replacement for tx.update + optax.apply_updates, or None where it does not
+  apply: `(params, grads, opt_state) -> (params, opt_state, global norm of grads)`.
+
+  For AdamW (clipped or not) on all parameters, float32, one CPU device with the C++
+  kernels (lm/ops/cpu_adamw.py): the same arithmetic on the same optax state, in place.
+  XLA:CPU would run ~6 small ops per parameter array: -4% step time on the 4x128 model.
+  """
+  from lm.ops import cpu_kernels  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree.leaves(params)
+  if (oc.name != 'adamw' or oc.trainable != 'all' or not oc.fused
+      or mesh.devices.size != 1 or mesh.devices.flat[0].platform != 'cpu'
+      or any(x.dtype != jnp.float32 for x in leaves) or not cpu_kernels.available()):
+    return None
+  from lm.ops import cpu_adamw  # pylint: disable=import-outside-toplevel
+  decay = jax.tree.leaves(decay_mask(params, oc.weight_decay_mask))
+  clip = oc.grad_clip if oc.grad_clip > 0 else float('inf')
+
+  def update(params, grads, opt_state):
+    count = optax.tree_utils.tree_get_all_with_path(opt_state, 'count')[0][1]
+    p, treedef = jax.tree.flatten(params)
+    p, mu, nu, norm = cpu_adamw.update(
+        p, treedef.flatten_up_to(grads),
+        treedef.flatten_up_to(optax.tree.get(opt_state, 'mu')),
+        treedef.flatten_up_to(optax.tree.get(opt_state, 'nu')), schedule(count), count,
+        b1=oc.b1, b2=oc.b2, eps=oc.eps, wd=oc.weight_decay, clip=clip, decay=decay)
+    opt_state = optax.tree.set(opt_state, mu=treedef.unflatten(mu), nu=treedef.unflatten(nu),
+                               count=optax.safe_increment(count))
+    return treedef.unflatten(p), opt_state, norm
+
+  return update

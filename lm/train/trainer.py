@@ -60,6 +60,7 @@ def build(config, devices=None) -> Setup:
   seq_len = config.model.max_len
   boxed_params = models.param_shapes(model)
   tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.unbox(boxed_params))
+  fused_update = optim.fused_update(config.optimizer, schedule, nn.unbox(boxed_params), mesh)
 
   def init_boxed(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
@@ -115,9 +116,12 @@ def build(config, devices=None) -> Setup:
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    grad_norm = optax.tree.norm(grads)
+    if fused_update is None:
+      updates, opt_state = tx.update(grads, state['opt_state'], params)
+      new_params = optax.apply_updates(params, updates)
+      grad_norm = optax.tree.norm(grads)
+    else:  # the same update as one op (optim.fused_update)
+      new_params, opt_state, grad_norm = fused_update(params, grads, state['opt_state'])
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # After a non-finite step (metrics['finite'] False) the state is not to be used: train()
     # checks before it evaluates, saves or returns a state, and stops. Keeping the old state
