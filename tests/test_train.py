@@ -221,9 +221,10 @@ def test_restore_onto_a_different_mesh(data_dir, tmp_path):
     np.testing.assert_allclose([got[s] for s in (5, 6)], [want[s] for s in (5, 6)], atol=1e-4)
 
 
-@pytest.mark.parametrize('steps_per_call', [1, 2])
+# 8 devices update with optax's ops; one device with the fused C++ AdamW (optim.fused_update).
+@pytest.mark.parametrize('steps_per_call,n_devices', [(1, 8), (2, 1)])
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch,
-                                                              steps_per_call):
+                                                              steps_per_call, n_devices):
   from lm import data as lm_data
   real = lm_data.make_train_iter
 
@@ -245,7 +246,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
   # Step 8 evaluates and logs no metrics; with 2 steps a call, steps 7 and 8 share one.
   c = tiny_config(data_dir, log_every=5, eval_every=4, steps_per_call=steps_per_call)
   with pytest.raises(FloatingPointError, match='step 8 '):
-    trainer.train(c, tmp_path / 'run', log=lambda s: None)
+    trainer.train(c, tmp_path / 'run', log=lambda s: None, devices=jax.devices()[:n_devices])
   lines = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert [x['step'] for x in lines if 'eval/loss' in x] == [4]  # the bad state is not evaluated
   ckpt = ckpt_lib.Checkpointer(tmp_path / 'run', c.checkpoint)
