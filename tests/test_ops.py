@@ -93,8 +93,18 @@ def test_cpu_kernel_matches_reference_with_segments_and_dropout(kv_heads):
     # comes back in that layout; check_against_reference compares gradients per input).
     def packed(q, k, v):
       qkv_BTE = jnp.concatenate([x.reshape(2, 32, -1) for x in (q, k, v)], axis=-1)
-      return cpu_attention.packed_attention(qkv_BTE, seg, seed, 4, kv_heads, True, rate)
+      return cpu_attention.packed_attention(qkv_BTE, None, seg, seed, 4, kv_heads, True, rate)
     check_against_reference(jax.jit(packed), ref, (q, k, v), atol=1e-5)
+    # With the projection's bias added inside the kernel (its gradient: dqkv summed).
+    qkv_BTE = jnp.concatenate([x.reshape(2, 32, -1) for x in (q, k, v)], axis=-1)
+    bias_E = jax.random.normal(jax.random.key(5), qkv_BTE.shape[-1:])
+    splits = [4 * 16, (4 + kv_heads) * 16]
+    def ref_biased(qkv_BTE, bias_E, unused):
+      q_, k_, v_ = jnp.split(qkv_BTE + bias_E, splits, axis=-1)
+      return ref(q_.reshape(q.shape), k_.reshape(k.shape), v_.reshape(v.shape))
+    biased = jax.jit(lambda x, b, unused: cpu_attention.packed_attention(
+        x, b, seg, seed, 4, kv_heads, True, rate))
+    check_against_reference(biased, ref_biased, (qkv_BTE, bias_E, jnp.zeros(())), atol=1e-4)
     assert cpu_attention.supports_packed(jnp.zeros((2, 32, (4 + 2 * kv_heads) * 16)), 4,
                                          kv_heads)
     assert not cpu_attention.supports_packed(jnp.zeros((2, 32, 200)), 4, kv_heads)

@@ -214,19 +214,22 @@ class Attention(nn.Module):
       d = x_BTD.shape[-1]
       y_BTE = contract(x_BTD.astype(dtype), jnp.concatenate(  # E = (N + 2K) H
           [w.reshape(d, -1) for w, _ in ws], axis=-1).astype(dtype))
-      if cfg.use_bias:
-        y_BTE = y_BTE + jnp.concatenate([bias.reshape(-1) for _, bias in ws]).astype(dtype)
+      bias_E = (jnp.concatenate([bias.reshape(-1) for _, bias in ws]).astype(dtype)
+                if cfg.use_bias else None)
       if (not self.decode and cfg.pos_embedding != 'rope' and not cfg.sliding_window
           and _attention_impl(cfg.attention, dtype) == 'cpu'
           and cpu_attention.supports_packed(y_BTE, cfg.n_heads, cfg.kv_heads)
           and cpu_kernels.available()):
-        # The C++ kernel reads q, k, v where the projection wrote them and writes their
-        # gradient the same way: no split here, no concatenation in the backward.
+        # The C++ kernel reads q, k, v where the projection wrote them, adds their bias as
+        # it reads, and writes their gradient the same way: no split or bias pass here, no
+        # concatenation in the backward.
         rng = self._dropout_rng()
-        out_BTNH = cpu_attention.packed_attention(y_BTE, seg_BT, _kernel_seed(rng), cfg.n_heads,
-                                                  cfg.kv_heads, True,
-                                                  cfg.attn_dropout if rng is not None else 0.0)
+        out_BTNH = cpu_attention.packed_attention(
+            y_BTE, bias_E, seg_BT, _kernel_seed(rng), cfg.n_heads, cfg.kv_heads, True,
+            cfg.attn_dropout if rng is not None else 0.0)
         return self._out(out_BTNH)
+      if bias_E is not None:
+        y_BTE = y_BTE + bias_E
       splits = np.cumsum([n * cfg.head_dim_ for n, _, _ in heads])[:-1]
       q_BTNH, k_BTKH, v_BTKH = (
           part.reshape(part.shape[:-1] + (n, cfg.head_dim_))

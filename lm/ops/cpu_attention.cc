@@ -105,7 +105,11 @@ struct Dims {
   float rate;
   uint32_t seed0, seed1;
   uint32_t threshold;  // dropout keeps a score whose hash is >= rate * 2^32
+  const float* bias = nullptr;  // packed only: [(N + 2K) H] added to q, k, v, or none
   long G() const { return N / K; }
+  const float* qbias(long n) const { return bias ? bias + n * H : nullptr; }
+  const float* kbias(long kv) const { return bias ? bias + (N + kv) * H : nullptr; }
+  const float* vbias(long kv) const { return bias ? bias + (N + K + kv) * H : nullptr; }
   // Keys that query rows [i0, i0 + kRows) may see: [0, kend).
   int kend(int i0) const { return causal ? std::min<long>(S, i0 + kRows + (S - T)) : S; }
   int ncols(int i0) const { return std::min<long>(S, (kend(i0) + 15) / 16 * 16); }
@@ -139,28 +143,42 @@ inline void transpose_stage(v16* r) {
 }
 #endif
 
-// Keys head kv of batch b, transposed to [H, S] (the B operand of q k^T needs rows of keys):
-// 16 x 16 blocks, read as 16 vectors and transposed in registers.
-void transpose_keys(const float* k, const Dims& d, long b, long kv, float* kt) {
+// One head's keys k[S, H] (rows ld floats apart) + bias[H] if any, transposed to kt[H, S]
+// (the B operand of q k^T needs rows of keys): 16 x 16 blocks, read as 16 vectors and
+// transposed in registers.
+void transpose_keys(const float* k, long ld, const Dims& d, const float* bias, float* kt) {
   for (long j0 = 0; j0 < d.S; j0 += 16) {
-    const float* rows = k + (b * d.S + j0) * d.ldk + kv * d.H;
+    const float* rows = k + j0 * ld;
     for (long h0 = 0; h0 < d.H; h0 += 16) {
 #if LM_HAS_SHUFFLE
       v16 r[16];
-      for (int j = 0; j < 16; ++j) r[j] = load(rows + j * d.ldk + h0);
+      for (int j = 0; j < 16; ++j) r[j] = load(rows + j * ld + h0);
       transpose_stage<1>(r), transpose_stage<2>(r), transpose_stage<4>(r), transpose_stage<8>(r);
-      for (int h = 0; h < 16; ++h) store(kt + (h0 + h) * d.S + j0, r[h]);
+      for (int h = 0; h < 16; ++h)
+        store(kt + (h0 + h) * d.S + j0, bias ? r[h] + bias[h0 + h] : r[h]);
 #else
       for (long h = h0; h < h0 + 16; ++h)
-        for (long j = 0; j < 16; ++j) kt[h * d.S + j0 + j] = rows[j * d.ldk + h];
+        for (long j = 0; j < 16; ++j)
+          kt[h * d.S + j0 + j] = rows[j * ld + h] + (bias ? bias[h] : 0.0f);
 #endif
     }
   }
 }
 
-// Scores of head n: sc[T, S] = q_n k^T for the tiles below the causal diagonal.
-void scores(const float* q, const float* kt, const Dims& d, long b, long n, float* sc) {
-  gemm(d.T, q + b * d.T * d.ldq + n * d.H, d.ldq, 1, kt, d.S, sc, d.S, false,
+// A head's rows x[R, H] (ld floats apart) as the kernel reads them: as they are, or, with a
+// bias, x + bias copied to buf (H floats apart). Returns the rows and their stride.
+std::pair<const float*, long> with_bias(const float* x, long ld, long R, long H,
+                                        const float* bias, float* buf) {
+  if (!bias) return {x, ld};
+  for (long r = 0; r < R; ++r)
+    for (long h = 0; h < H; h += 16) store(buf + r * H + h, load(x + r * ld + h) + load(bias + h));
+  return {buf, H};
+}
+
+// Scores of one head: sc[T, S] = q k^T for the tiles below the causal diagonal; q's rows
+// are ldq floats apart.
+void scores(const float* q, long ldq, const float* kt, const Dims& d, float* sc) {
+  gemm(d.T, q, ldq, 1, kt, d.S, sc, d.S, false,
        [&](int) { return std::pair<int, int>(0, d.H); }, [&](int i0) { return d.ncols(i0); });
 }
 
@@ -190,14 +208,20 @@ struct RowMask {
 void forward_task(const float* q, const float* k, const float* v, const int32_t* qseg,
                   const int32_t* kseg, const Dims& d, long task, float* out, float* lse) {
   const long b = task / d.K, kv = task % d.K;
-  float* kt = scratch(d.H * d.S + d.T * d.S);
+  float* kt = scratch(d.H * d.S + d.T * d.S + d.S * d.H + d.T * d.H);
   float* sc = kt + d.H * d.S;
-  transpose_keys(k, d, b, kv, kt);
+  float* vbuf = sc + d.T * d.S;  // biased copies (with_bias)
+  float* qbuf = vbuf + d.S * d.H;
+  const long koff = b * d.S * d.ldk + kv * d.H;
+  transpose_keys(k + koff, d.ldk, d, d.kbias(kv), kt);
+  const auto [v_b, ldv] = with_bias(v + koff, d.ldk, d.S, d.H, d.vbias(kv), vbuf);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
   const float keep_scale = d.rate > 0.0f ? 1.0f / (1.0f - d.rate) : 1.0f;
   const float ninf = -std::numeric_limits<float>::infinity();
   for (long n = kv * d.G(); n < (kv + 1) * d.G(); ++n) {
-    scores(q, kt, d, b, n, sc);
+    const auto [q_n, ldq] =
+        with_bias(q + b * d.T * d.ldq + n * d.H, d.ldq, d.T, d.H, d.qbias(n), qbuf);
+    scores(q_n, ldq, kt, d, sc);
     for (long i = 0; i < d.T; ++i) {
       RowMask rm(d, qseg + b * d.T, kseg + b * d.S, b, n, i);
       float* row = sc + i * d.S;
@@ -228,8 +252,7 @@ void forward_task(const float* q, const float* k, const float* v, const int32_t*
         store(row + j, rm.keep(j) ? load(row + j) * norm : v16{});
     }
     // out_n = P v, over the keys each row block may see.
-    gemm(d.T, sc, d.S, 1, v + b * d.S * d.ldk + kv * d.H, d.ldk,
-         out + (b * d.T * d.N + n) * d.H, d.N * d.H, false,
+    gemm(d.T, sc, d.S, 1, v_b, ldv, out + (b * d.T * d.N + n) * d.H, d.N * d.H, false,
          [&](int i0) { return std::pair<int, int>(0, d.kend(i0)); },
          [&](int) { return static_cast<int>(d.H); });
   }
@@ -239,24 +262,27 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
                    const int32_t* kseg, const float* out, const float* lse, const float* dout,
                    const Dims& d, long task, float* dq, float* dk, float* dv) {
   const long b = task / d.K, kv = task % d.K;
-  float* kt = scratch(2 * d.H * d.S + 2 * d.T * d.S + d.T);
+  float* kt = scratch(2 * d.H * d.S + 2 * d.T * d.S + d.T + d.S * d.H + d.T * d.H);
   float* vt = kt + d.H * d.S;
   float* p = vt + d.H * d.S;  // dropped-out probabilities, then
   float* ds = p + d.T * d.S;  // dO v^T, then dS (scaled)
   float* delta = ds + d.T * d.S;  // [T]: rowsum(out * dout) of the head
-  transpose_keys(k, d, b, kv, kt);
-  transpose_keys(v, d, b, kv, vt);
+  float* kbuf = delta + d.T;  // biased copies (with_bias)
+  float* qbuf = kbuf + d.S * d.H;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.H));
   const float keep_scale = d.rate > 0.0f ? 1.0f / (1.0f - d.rate) : 1.0f;
   const long ld = d.N * d.H, ldk = d.ldk, ldq = d.ldq;
   const long koff = b * d.S * ldk + kv * d.H;
-  const float* k_b = k + koff;
+  transpose_keys(k + koff, ldk, d, d.kbias(kv), kt);
+  transpose_keys(v + koff, ldk, d, d.vbias(kv), vt);
+  const auto [k_b, ldkb] = with_bias(k + koff, ldk, d.S, d.H, d.kbias(kv), kbuf);
   float* dk_b = dk + koff;
   float* dv_b = dv + koff;
   for (long n = kv * d.G(); n < (kv + 1) * d.G(); ++n) {
     const long off = (b * d.T * d.N + n) * d.H, qoff = b * d.T * ldq + n * d.H;
     const bool acc = n > kv * d.G();  // dk, dv sum over the group's query heads
-    scores(q, kt, d, b, n, p);
+    const auto [q_n, ldqn] = with_bias(q + qoff, ldq, d.T, d.H, d.qbias(n), qbuf);
+    scores(q_n, ldqn, kt, d, p);
     gemm(d.T, dout + off, ld, 1, vt, d.S, ds, d.S, false,
          [&](int) { return std::pair<int, int>(0, d.H); }, [&](int i0) { return d.ncols(i0); });
     for (long i = 0; i < d.T; ++i) {  // apart from the loop below: its loads overlap
@@ -283,8 +309,8 @@ void backward_task(const float* q, const float* k, const float* v, const int32_t
     auto qrange = [&](int j0) { return std::pair<int, int>(d.qbeg(j0), d.T); };
     auto hcols = [&](int) { return static_cast<int>(d.H); };
     gemm(d.S, p, 1, d.S, dout + off, ld, dv_b, ldk, acc, qrange, hcols);
-    gemm(d.S, ds, 1, d.S, q + qoff, ldq, dk_b, ldk, acc, qrange, hcols);
-    gemm(d.T, ds, d.S, 1, k_b, ldk, dq + qoff, ldq, false,
+    gemm(d.S, ds, 1, d.S, q_n, ldqn, dk_b, ldk, acc, qrange, hcols);
+    gemm(d.T, ds, d.S, 1, k_b, ldkb, dq + qoff, ldq, false,
          [&](int i0) { return std::pair<int, int>(0, d.kend(i0)); }, hcols);
   }
 }
@@ -348,31 +374,37 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, Seg qseg, Seg kse
                      dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
 }
 
-// Packed: qkv [B, T, E] with E = (N + 2K) H; N and H from out [B, T, N, H].
-ffi::Error packed_dims(const F32& qkv, ffi::Span<const int64_t> od, const Seed& seed,
-                       bool causal, float rate, Dims* d) {
+// Packed: qkv [B, T, E] with E = (N + 2K) H; N and H from out [B, T, N, H]; bias [E]
+// (added to q, k, v) or [0].
+ffi::Error packed_dims(const F32& qkv, const F32& bias, ffi::Span<const int64_t> od,
+                       const Seed& seed, bool causal, float rate, Dims* d) {
   const long e = qkv.dimensions()[2], nh = od[2] * od[3];
   if ((e - nh) <= 0 || (e - nh) % (2 * od[3]))
     return ffi::Error::InvalidArgument("lm attention kernel: packed qkv width is not "
                                        "(N + 2K) * H for the output's N and H");
+  const long nb = static_cast<long>(bias.element_count());
+  if (nb != 0 && nb != e)
+    return ffi::Error::InvalidArgument("lm attention kernel: bias must be [(N + 2K) H] or [0]");
   *d = dims(od, od[1], (e - nh) / (2 * od[3]), e, e, seed, causal, rate);
+  d->bias = nb ? bias.typed_data() : nullptr;
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardPacked(ffi::ThreadPool pool, F32 qkv, Seg qseg, Seg kseg, Seed seed,
-                         Out out, Out lse, bool causal, float rate) {
+ffi::Error ForwardPacked(ffi::ThreadPool pool, F32 qkv, F32 bias, Seg qseg, Seg kseg,
+                         Seed seed, Out out, Out lse, bool causal, float rate) {
   Dims d;
-  if (auto e = packed_dims(qkv, out->dimensions(), seed, causal, rate, &d); e.failure())
+  if (auto e = packed_dims(qkv, bias, out->dimensions(), seed, causal, rate, &d); e.failure())
     return e;
   const float* q = qkv.typed_data();
   return RunForward(pool, d, q, q + d.N * d.H, q + (d.N + d.K) * d.H, qseg.typed_data(),
                     kseg.typed_data(), out->typed_data(), lse->typed_data());
 }
 
-ffi::Error BackwardPacked(ffi::ThreadPool pool, F32 qkv, Seg qseg, Seg kseg, Seed seed,
-                          F32 out, F32 lse, F32 dout, Out dqkv, bool causal, float rate) {
+ffi::Error BackwardPacked(ffi::ThreadPool pool, F32 qkv, F32 bias, Seg qseg, Seg kseg,
+                          Seed seed, F32 out, F32 lse, F32 dout, Out dqkv, bool causal,
+                          float rate) {
   Dims d;
-  if (auto e = packed_dims(qkv, out.dimensions(), seed, causal, rate, &d); e.failure())
+  if (auto e = packed_dims(qkv, bias, out.dimensions(), seed, causal, rate, &d); e.failure())
     return e;
   const float* q = qkv.typed_data();
   float* dq = dqkv->typed_data();
@@ -382,13 +414,15 @@ ffi::Error BackwardPacked(ffi::ThreadPool pool, F32 qkv, Seg qseg, Seg kseg, See
                      dq + vofs);
 }
 
-// Both kinds of handler: q, k, v (or qkv), then query and key segment ids, dropout seed.
+// Both kinds of handler: q, k, v (or qkv and its bias), then query and key segment ids,
+// dropout seed.
 auto BindSeparate() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>()
       .Arg<Seg>().Arg<Seg>().Arg<Seed>();
 }
 auto BindPacked() {
-  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<Seg>().Arg<Seg>().Arg<Seed>();
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<Seg>().Arg<Seg>()
+      .Arg<Seed>();
 }
 }  // namespace
 

@@ -59,13 +59,16 @@ def _bwd(causal, rate, res, dout):
 attention.defvjp(_fwd, _bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def packed_attention(qkv_BTE: Array, seg_BT: Array, seed: Array, n_heads: int, kv_heads: int,
-                     causal: bool = True, rate: float = 0.0) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def packed_attention(qkv_BTE: Array, bias_E: Array | None, seg_BT: Array, seed: Array,
+                     n_heads: int, kv_heads: int, causal: bool = True,
+                     rate: float = 0.0) -> Array:
   """`attention` with q, k, v side by side in one projection: qkv [B, T, E], E = (N + 2K) H,
-  each time step holding q's N heads, then k's K, then v's K. Its gradient comes back in
-  the same layout, so no slices or concatenation surround the kernel. Returns [B, T, N, H]."""
-  return _forward_packed(qkv_BTE, seg_BT, seed, n_heads, kv_heads, causal, rate)[0]
+  each time step holding q's N heads, then k's K, then v's K; bias [E] (or None) is added
+  to them inside the kernel, so the projection's output needs no pass of its own. The
+  gradient comes back in the same layout, so no slices or concatenation surround the
+  kernel. Returns [B, T, N, H]."""
+  return _forward_packed(qkv_BTE, bias_E, seg_BT, seed, n_heads, kv_heads, causal, rate)[0]
 
 
 def supports_packed(qkv_BTE: Array, n_heads: int, kv_heads: int) -> bool:
@@ -76,25 +79,31 @@ def supports_packed(qkv_BTE: Array, n_heads: int, kv_heads: int) -> bool:
       jax.ShapeDtypeStruct((b, t, kv_heads, h), qkv_BTE.dtype))
 
 
-def _forward_packed(qkv, seg, seed, n_heads, kv_heads, causal, rate):
+def _bias_arg(bias, qkv):
+  return jnp.zeros((0,), qkv.dtype) if bias is None else bias.astype(qkv.dtype)
+
+
+def _forward_packed(qkv, bias, seg, seed, n_heads, kv_heads, causal, rate):
   b, t, e = qkv.shape
   h = e // (n_heads + 2 * kv_heads)
   return _call('LmAttentionForwardPacked',
                (jax.ShapeDtypeStruct((b, t, n_heads, h), qkv.dtype),
                 jax.ShapeDtypeStruct((b, n_heads, t), jnp.float32)),
-               qkv, seg, seg, seed, causal=causal, rate=rate)
+               qkv, _bias_arg(bias, qkv), seg, seg, seed, causal=causal, rate=rate)
 
 
-def _fwd_packed(qkv, seg, seed, n_heads, kv_heads, causal, rate):
-  out, lse = _forward_packed(qkv, seg, seed, n_heads, kv_heads, causal, rate)
-  return out, (qkv, seg, seed, out, lse)
+def _fwd_packed(qkv, bias, seg, seed, n_heads, kv_heads, causal, rate):
+  out, lse = _forward_packed(qkv, bias, seg, seed, n_heads, kv_heads, causal, rate)
+  return out, (qkv, bias, seg, seed, out, lse)
 
 
 def _bwd_packed(n_heads, kv_heads, causal, rate, res, dout):
-  qkv, seg, seed, out, lse = res
+  qkv, bias, seg, seed, out, lse = res
   dqkv = _call('LmAttentionBackwardPacked', jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
-               qkv, seg, seg, seed, out, lse, dout, causal=causal, rate=rate)
-  return dqkv, None, None
+               qkv, _bias_arg(bias, qkv), seg, seg, seed, out, lse, dout, causal=causal,
+               rate=rate)
+  dbias = None if bias is None else dqkv.sum((0, 1)).astype(bias.dtype)
+  return dqkv, dbias, None, None
 
 
 packed_attention.defvjp(_fwd_packed, _bwd_packed)
