@@ -101,7 +101,8 @@ ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Remain
       store(no + j, v);
     }
     for (; j < k.end; ++j) {
-      const auto [pn, m, v] = step(gs[j], ps[j], ms[j], ns[j], [](float x) { return std::sqrt(x); });
+      const auto [pn, m, v] =
+          step(gs[j], ps[j], ms[j], ns[j], [](float x) { return std::sqrt(x); });
       po[j] = pn;
       mo[j] = m;
       no[j] = v;
