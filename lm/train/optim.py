@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.ops import cpu_adamw, cpu_kernels
+
 
 def make_schedule(oc, total_steps: int) -> optax.Schedule:
   """Linear warmup to oc.lr, then cosine | linear | inverse_sqrt | constant."""
@@ -93,13 +95,11 @@ def fused_update(oc, schedule: optax.Schedule, params, mesh):
   XLA:CPU would run ~6 small ops per parameter array: +5-8% tokens/s on the 4x128 model
   (scripts/benchmark.py, `optimizer.fused` False then True, interleaved).
   """
-  from lm.ops import cpu_kernels  # pylint: disable=import-outside-toplevel
   leaves = jax.tree.leaves(params)
   if (oc.name != 'adamw' or oc.trainable != 'all' or not oc.fused
       or mesh.devices.size != 1 or mesh.devices.flat[0].platform != 'cpu'
       or any(x.dtype != jnp.float32 for x in leaves) or not cpu_kernels.available()):
     return None
-  from lm.ops import cpu_adamw  # pylint: disable=import-outside-toplevel
   decay = jax.tree.leaves(decay_mask(params, oc.weight_decay_mask))
   clip = oc.grad_clip if oc.grad_clip > 0 else float('inf')
 
