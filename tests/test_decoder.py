@@ -176,10 +176,11 @@ def test_dropout_honours_deterministic():
 @pytest.mark.skipif(not any(map(shutil.which, ('c++', 'g++'))), reason='no C++ compiler')
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])
 def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
-  """The C++ kernels (attention='cpu', packed q, k, v without RoPE, the norms) against XLA:
-  packed segments, dropout, LayerNorm and RMSNorm, gradients."""
+  """The C++ kernels (attention='cpu', packed q, k, v without RoPE, the norms, the dense
+  layers' forward with GELU) against XLA: packed segments, dropout, LayerNorm and RMSNorm,
+  GELU and SwiGLU, gradients."""
   from lm.models import layers  # pylint: disable=import-outside-toplevel
-  from lm.ops import cpu_attention, cpu_kernels, norms  # pylint: disable=import-outside-toplevel
+  from lm.ops import cpu_attention, cpu_kernels, cpu_linear, norms  # pylint: disable=import-outside-toplevel
   assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
   monkeypatch.setattr(layers, '_one_device', lambda: True)  # the tests run on 8 devices
   calls = []
@@ -188,6 +189,9 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
                         lambda *a, f=getattr(cpu_attention, name), n=name: calls.append(n) or f(*a))
   monkeypatch.setattr(norms, 'cpu_norm',
                       lambda *a, f=norms.cpu_norm: calls.append('norm') or f(*a))
+  for name in ('linear', 'linear_gelu'):
+    monkeypatch.setattr(cpu_linear, name,
+                        lambda *a, f=getattr(cpu_linear, name), n=name: calls.append(n) or f(*a))
   kw = dict(head_dim=16, attn_dropout=0.1, resid_dropout=0.1)
   (xla, params), (cpu, _) = make(style, attention='xla', **kw), make(style, attention='cpu', **kw)
   x, seg = tokens(), jnp.array([[1] * 10 + [2] * 6, [1] * 16])
@@ -198,11 +202,12 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   calls.clear()  # init ran the model
   with monkeypatch.context() as m:  # the reference: no kernel at all
     m.setattr(norms, 'cpu_supports', lambda x: False)
+    m.setattr(cpu_linear, 'supports', lambda x, w: False)
     (lx, ox), gx = jax.value_and_grad(functools.partial(loss, xla), has_aux=True)(params)
   assert not calls
   (lc, oc), gc = jax.value_and_grad(functools.partial(loss, cpu), has_aux=True)(params)
-  want = 'packed_attention' if style == 'gpt2' else 'attention'
-  assert set(calls) == {want, 'norm'}, 'a kernel was not used'
+  want = {'packed_attention', 'linear_gelu'} if style == 'gpt2' else {'attention'}
+  assert set(calls) == want | {'norm', 'linear'}, 'a kernel was not used'
   np.testing.assert_allclose(oc, ox, atol=1e-5)
   for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, atol=1e-5)

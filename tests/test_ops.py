@@ -10,7 +10,8 @@ import pytest
 
 from lm.config import base_config
 from lm.models.layers import contract
-from lm.ops import activations, attention, cpu_attention, cpu_kernels, dropout, norms
+from lm.ops import (activations, attention, cpu_attention, cpu_kernels, cpu_linear, dropout,
+                    norms)
 from lm.train import optim
 
 # The C++ kernels need a compiler; where there is one, a failed build fails the tests.
@@ -169,6 +170,29 @@ def test_gelu_matches_jax():
   g = jax.grad(lambda x: jnp.sum(activations.gelu_tanh(x) * jnp.cos(x)))(x)
   r = jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * jnp.cos(x)))(x)
   np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+@needs_cxx
+@pytest.mark.parametrize('bias,gelu', [(True, True), (True, False), (False, True), (False, False)])
+def test_cpu_linear_matches_reference(bias, gelu):
+  """205 rows (not a multiple of the 6-row tile or of a task's 96), K = 144 (two blocks of
+  w's rows), N = 80 (a 64-column panel and a 16-column one)."""
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  kx, kw, kb = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(kx, (5, 41, 144))
+  w = 0.1 * jax.random.normal(kw, (144, 80))
+  b = jax.random.normal(kb, (80,)) if bias else None
+  def ref(x, w, b):
+    y = x @ w + (0.0 if b is None else b)
+    return activations.gelu_tanh(y) if gelu else y
+  fn = jax.jit(cpu_linear.linear_gelu if gelu else cpu_linear.linear)
+  check_against_reference(fn, ref, (x, w, b), atol=1e-4)
+  assert cpu_linear.supports(x, w)
+  assert not cpu_linear.supports(x, w[:, :72])  # N % 16
+  assert not cpu_linear.supports(x[..., :136], w[:136])  # K % 16
+  assert not cpu_linear.supports(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  big = jax.ShapeDtypeStruct((cpu_linear.MAX_X_BYTES // 4 // 144 + 1, 144), jnp.float32)
+  assert not cpu_linear.supports(big, w)  # x past L2: XLA's matmul is faster
 
 
 @pytest.mark.parametrize('in_dims', [1, 2])

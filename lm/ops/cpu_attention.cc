@@ -24,24 +24,6 @@
 namespace lm {
 namespace {
 
-// exp(x) for x <= 0 (scores minus their row max): Cody-Waite reduction and a degree-6
-// polynomial, ~1 ulp; below -87 it returns 0.
-inline v16 vexp(v16 x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  // round(x / ln 2) for x <= 0, by truncation of x / ln 2 - 0.5
-  const i16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i16);
-  const v16 n = __builtin_convertvector(ni, v16);
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * (v16)((ni + 127) << 23);
-}
-
 // lowbias32 (lm/ops/dropout.py _mix32).
 inline w16 mix32(w16 x) {
   x ^= x >> 16;
@@ -49,31 +31,6 @@ inline w16 mix32(w16 x) {
   x ^= x >> 15;
   x *= 0x846CA68Bu;
   return x ^ (x >> 16);
-}
-
-// C[MR, 16 * NV] (+)= A[MR, k0:k1] B[k0:k1, 16 * NV]; A(i, k) sits at a[i * ai + k * ak],
-// so A may be read transposed for free (its elements are broadcast, not vector-loaded).
-template <int MR, int NV>
-inline void tile(int k0, int k1, const float* a, long ai, long ak, const float* b, long ldb,
-                 float* c, long ldc, bool acc) {
-  v16 s[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) s[r][v] = acc ? load(c + r * ldc + 16 * v) : v16{};
-  for (int k = k0; k < k1; ++k) {
-    v16 bv[NV];
-    for (int v = 0; v < NV; ++v) {
-      bv[v] = load(b + k * ldb + 16 * v);
-#if defined(__AVX512F__)
-      asm("" : "+v"(bv[v]));  // keep B in registers: GCC would reload it for every row
-#endif
-    }
-    for (int r = 0; r < MR; ++r) {
-      const float x = a[r * ai + k * ak];
-      for (int v = 0; v < NV; ++v) s[r][v] += x * bv[v];
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store(c + r * ldc + 16 * v, s[r][v]);
 }
 
 constexpr int kRows = 4;  // rows per register tile; m must be a multiple of it

@@ -79,6 +79,100 @@ inline float hsum(v16 x) {
 }
 #endif
 
+// exp(x) for x <= 0 (attention scores minus their row max; tanh): Cody-Waite reduction and a degree-6
+// polynomial, ~1 ulp; below -87 it returns 0.
+inline v16 vexp(v16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  // round(x / ln 2) for x <= 0, by truncation of x / ln 2 - 0.5
+  const i16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i16);
+  const v16 n = __builtin_convertvector(ni, v16);
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * (v16)((ni + 127) << 23);
+}
+
+// 1 / d for d in [1, 2]: a division costs several times the rest of a lane's work, so on
+// AVX-512 the 14-bit reciprocal estimate plus one Newton step (~1e-7 relative) stands in.
+inline v16 reciprocal(v16 d) {
+#ifdef __AVX512F__
+  const v16 r = (v16)_mm512_rcp14_ps((__m512)d);
+  return r * (2.0f - d * r);
+#else
+  return 1.0f / d;
+#endif
+}
+
+// tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|) <= 1 (the range vexp takes).
+inline v16 vtanh(v16 z) {
+  const v16 a = z < 0.0f ? -z : z;
+  const v16 e = vexp(-2.0f * a);
+  const v16 t = (1.0f - e) * reciprocal(1.0f + e);
+  return z < 0.0f ? -t : t;
+}
+
+// GELU, tanh approximation (GPT-2): 0.5 u (1 + tanh(C (u + A u^3))).
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+inline v16 vgelu(v16 u) { return 0.5f * u * (1.0f + vtanh(kGeluC * (u + kGeluA * u * u * u))); }
+
+// C[MR, 16 * NV] (+)= A[MR, k0:k1] B[k0:k1, 16 * NV]; A(i, k) sits at a[i * ai + k * ak],
+// so A may be read transposed for free (its elements are broadcast, not vector-loaded).
+// Without acc, C starts from the row `init` (a bias) if given, else from 0.
+template <int MR, int NV>
+inline void tile(int k0, int k1, const float* a, long ai, long ak, const float* b, long ldb,
+                 float* c, long ldc, bool acc, const float* init = nullptr) {
+  v16 s[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      s[r][v] = acc ? load(c + r * ldc + 16 * v) : init ? load(init + 16 * v) : v16{};
+  for (int k = k0; k < k1; ++k) {
+    v16 bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = load(b + k * ldb + 16 * v);
+#if defined(__AVX512F__)
+      asm("" : "+v"(bv[v]));  // keep B in registers: GCC would reload it for every row
+#endif
+    }
+    for (int r = 0; r < MR; ++r) {
+      const float x = a[r * ai + k * ak];
+      for (int v = 0; v < NV; ++v) s[r][v] += x * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(c + r * ldc + 16 * v, s[r][v]);
+}
+
+// Row chunks of an [R, D] array (any leading shape) for parallel_for: at most kMaxTasks,
+// which also bounds the per-task partial sums of column reductions (sum_partials).
+constexpr long kMaxTasks = 64;
+
+struct Rows {
+  long R, D, tasks, per;
+  explicit Rows(const ffi::Buffer<ffi::F32>& x) {
+    auto dims = x.dimensions();
+    D = dims.size() ? dims[dims.size() - 1] : 1;
+    R = D ? static_cast<long>(x.element_count()) / D : 0;
+    tasks = std::max(1L, std::min(R, kMaxTasks));
+    per = (R + tasks - 1) / tasks;
+  }
+  long begin(long t) const { return std::min(R, t * per); }
+  long end(long t) const { return std::min(R, (t + 1) * per); }
+};
+
+// out[D] = the sum over tasks of partial[t * stride + j], j < D, in task order: a column sum
+// that does not depend on thread timing. D % 16 == 0.
+inline void sum_partials(const float* partial, long tasks, long stride, long D, float* out) {
+  std::fill(out, out + D, 0.0f);
+  for (long t = 0; t < tasks; ++t)
+    for (long j = 0; j < D; j += 16) store(out + j, load(out + j) + load(partial + t * stride + j));
+}
+
 // Runs f(0..n-1) on the calling thread and the intra-op pool's threads. Late pool tasks
 // find the counter spent and return without touching f; the caller waits for every index.
 template <class F>

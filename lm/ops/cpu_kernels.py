@@ -4,8 +4,8 @@ The sources are compiled together, on first use, with the system's C++ compiler 
 machine (-march=native) against the XLA FFI headers that ship in jaxlib, and cached under
 ~/.cache/lm/kernels keyed by the sources, jaxlib's version and the CPU; set LM_KERNEL_DIR to
 move the cache. Without a compiler, or with LM_CPU_KERNELS=0, `available()` is False (the
-reason in `unavailable_reason()`) and lm/models/layers.py uses the XLA versions of attention
-and norms, which compute the same.
+reason in `unavailable_reason()`) and lm/models/layers.py uses the XLA versions of attention,
+norms, dense layers and GELU, which compute the same.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ import jax
 import jaxlib
 
 _DIR = pathlib.Path(__file__).parent
-SOURCES = (_DIR / 'cpu_attention.cc', _DIR / 'cpu_norm.cc', _DIR / 'cpu_adamw.cc')
+SOURCES = (_DIR / 'cpu_attention.cc', _DIR / 'cpu_norm.cc', _DIR / 'cpu_gelu.cc',
+           _DIR / 'cpu_linear.cc', _DIR / 'cpu_adamw.cc')
 HEADERS = (_DIR / 'cpu_kernels.h',)
 TARGETS = ('LmAttentionForward', 'LmAttentionBackward', 'LmAttentionForwardPacked',
-           'LmAttentionBackwardPacked', 'LmNormForward', 'LmNormBackward', 'LmAdamW')
+           'LmAttentionBackwardPacked', 'LmNormForward', 'LmNormBackward', 'LmLinearForward',
+           'LmGeluBackward', 'LmAdamW')
 _FAILURE: list[str] = []
 
 

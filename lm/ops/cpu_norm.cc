@@ -15,20 +15,6 @@
 namespace lm {
 namespace {
 
-constexpr long kMaxTasks = 64;  // row chunks; also bounds the backward's partial sums
-
-struct Rows {
-  long R, D, tasks, per;
-  explicit Rows(const ffi::Buffer<ffi::F32>& x) {
-    auto dims = x.dimensions();
-    D = dims.size() ? dims[dims.size() - 1] : 1;
-    R = D ? static_cast<long>(x.element_count()) / D : 0;
-    tasks = std::max(1L, std::min(R, kMaxTasks));
-    per = (R + tasks - 1) / tasks;
-  }
-  long end(long t) const { return std::min(R, (t + 1) * per); }
-};
-
 ffi::Error check(const Rows& r) {
   if (r.D % 16) return ffi::Error::InvalidArgument("norm: the last axis must be a multiple of 16");
   return ffi::Error::Success();
@@ -44,7 +30,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   float *ys = y->typed_data(), *means = mean->typed_data(), *rstds = rstd->typed_data();
   const float inv_d = 1.0f / r.D;
   parallel_for(pool, r.tasks, [&](int t) {
-    for (long i = t * r.per; i < r.end(t); ++i) {
+    for (long i = r.begin(t); i < r.end(t); ++i) {
       const float* xr = xs + i * r.D;
       float mu = 0.0f;
       if (centered) {
@@ -85,7 +71,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   parallel_for(pool, r.tasks, [&](int t) {
     float* ds = partial.data() + t * 2 * r.D;
     float* db = ds + r.D;
-    for (long i = t * r.per; i < r.end(t); ++i) {
+    for (long i = r.begin(t); i < r.end(t); ++i) {
       const float *xr = xs + i * r.D, *gr = dys + i * r.D;
       const float mu = means[i], rs = rstds[i];
       v16 sum_g{}, sum_gx{};
@@ -103,16 +89,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       }
     }
   });
-  float *ds = dscale->typed_data(), *db = dbias->typed_data();
-  std::fill(ds, ds + r.D, 0.0f);
-  std::fill(db, db + r.D, 0.0f);
-  for (long t = 0; t < r.tasks; ++t) {
-    const float* p = partial.data() + t * 2 * r.D;
-    for (long j = 0; j < r.D; j += 16) {
-      store(ds + j, load(ds + j) + load(p + j));
-      store(db + j, load(db + j) + load(p + r.D + j));
-    }
-  }
+  sum_partials(partial.data(), r.tasks, 2 * r.D, r.D, dscale->typed_data());
+  sum_partials(partial.data() + r.D, r.tasks, 2 * r.D, r.D, dbias->typed_data());
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,51 @@
+// The backward of GELU (tanh approximation) for XLA:CPU (an XLA FFI custom call), as
+// lm/ops/activations.py computes it; the forward is applied by the dense layer's kernel
+// (cpu_linear.cc) to the tiles it computes.
+//
+// XLA:CPU runs this backward as a loop fusion plus a column sum for the bias gradient of
+// the layer before it; here it is one pass, the column sums kept per task and added
+// across tasks in a fixed order. u [R, F] (any leading shape), float32, F % 16 == 0.
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace lm {
+namespace {
+
+// t = tanh(C (u + A u^3)): du = dy (0.5 (1 + t) + 0.5 u (1 - t^2) C (1 + 3 A u^2));
+// dbias = the sum of du over rows.
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> dy,
+                    ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> dbias) {
+  const Rows r(u);
+  if (r.D % 16) return ffi::Error::InvalidArgument("gelu: the last axis must be a multiple of 16");
+  const float *us = u.typed_data(), *dys = dy.typed_data();
+  float* dus = du->typed_data();
+  std::vector<float> partial(r.tasks * r.D, 0.0f);
+  parallel_for(pool, r.tasks, [&](int t) {
+    float* db = partial.data() + t * r.D;
+    for (long i = r.begin(t); i < r.end(t); ++i)
+      for (long j = 0; j < r.D; j += 16) {
+        const v16 x = load(us + i * r.D + j), x2 = x * x;
+        const v16 th = vtanh(kGeluC * (x + kGeluA * x2 * x));
+        const v16 d = load(dys + i * r.D + j) *
+                      (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC *
+                                                (1.0f + 3 * kGeluA * x2));
+        store(dus + i * r.D + j, d);
+        store(db + j, load(db + j) + d);
+      }
+  });
+  sum_partials(partial.data(), r.tasks, r.D, r.D, dbias->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmGeluBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // u (GELU's input)
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // du
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // du summed over rows
+
+}  // namespace lm
