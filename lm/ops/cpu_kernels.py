@@ -29,7 +29,7 @@ SOURCES = (_DIR / 'cpu_attention.cc', _DIR / 'cpu_norm.cc', _DIR / 'cpu_gelu.cc'
 HEADERS = (_DIR / 'cpu_kernels.h',)
 TARGETS = ('LmAttentionForward', 'LmAttentionBackward', 'LmAttentionForwardPacked',
            'LmAttentionBackwardPacked', 'LmNormForward', 'LmNormBackward', 'LmLinearForward',
-           'LmGeluBackward', 'LmAdamW')
+           'LmLinearWeightGrad', 'LmGeluBackward', 'LmAdamW')
 _FAILURE: list[str] = []
 
 
