@@ -10,6 +10,8 @@
 #include <memory>
 #include <thread>
 
+#include <sched.h>
+
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
@@ -173,22 +175,32 @@ inline void sum_partials(const float* partial, long tasks, long stride, long D, 
     for (long j = 0; j < D; j += 16) store(out + j, load(out + j) + load(partial + t * stride + j));
 }
 
-// Runs f(0..n-1) on the calling thread and the intra-op pool's threads. Late pool tasks
-// find the counter spent and return without touching f; the caller waits for every index.
+// Runs f(0..n-1) on the calling thread and the intra-op pool's threads. The indices come
+// in one contiguous part per thread, each taken first by the threads running on the cores
+// it is keyed to (sched_getcpu), then by any: kernels that split rows the same way, one
+// after another, find their rows in the same core's L2. Late pool tasks find the counters
+// spent and return without touching f; the caller waits for every index.
 template <class F>
 void parallel_for(ffi::ThreadPool& pool, int n, const F& f) {
+  constexpr int kMaxParts = 64;
   struct State {
-    std::atomic<int> next{0}, done{0};
+    std::atomic<int> next[kMaxParts], done{0};
   };
+  const int parts = static_cast<int>(std::clamp<long>(pool.num_threads(), 1, std::min(n, kMaxParts)));
   auto st = std::make_shared<State>();
-  auto work = [st, n, fp = &f]() {
-    for (int i; (i = st->next.fetch_add(1)) < n;) {
-      (*fp)(i);
-      st->done.fetch_add(1, std::memory_order_release);
+  for (int p = 0; p < parts; ++p) st->next[p] = static_cast<int>(static_cast<long>(n) * p / parts);
+  auto work = [st, n, parts, fp = &f]() {
+    const int first = std::max(0, sched_getcpu()) % parts;
+    for (int q = 0; q < parts; ++q) {
+      const int p = (first + q) % parts;
+      const int end = static_cast<int>(static_cast<long>(n) * (p + 1) / parts);
+      for (int i; (i = st->next[p].fetch_add(1)) < end;) {
+        (*fp)(i);
+        st->done.fetch_add(1, std::memory_order_release);
+      }
     }
   };
-  const long helpers = std::min<long>(pool.num_threads(), n) - 1;
-  for (long w = 0; w < helpers; ++w) pool.Schedule(decltype(work)(work));
+  for (int w = 1; w < parts; ++w) pool.Schedule(decltype(work)(work));
   work();
   while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
