@@ -8,10 +8,10 @@ AdamW lr 1e-3 (100 warmup steps, cosine to 1e-4 at 2000), beta2 0.99, weight dec
 clip 1.0, no dropout, 2000 iterations, eval every 250 on 20 batches; nanoGPT's split
 (first 90% train, last 10% validation).
 Expected: eval loss <= 1.89 at step 2000 (nanoGPT measured here: 1.8857; its README: 1.88).
-Measured on 2 CPU cores (2026-12-02, AVX-512 Xeon, C++ attention, norm and AdamW kernels,
-fused q/k/v, YNNPACK matmuls, 10 steps a call), 1 min 1 s wall in all, peak RSS 0.79 GB
-(the same curve, to 4 decimals, as on 2026-11-23 with oneDNN matmuls and optax's AdamW:
-2 min 0 s on an older machine):
+Measured on 2 CPU cores (2026-12-02, AVX-512 Xeon, C++ attention, norm, dense-layer and
+AdamW kernels, fused q/k/v, 10 steps a call), 44 s wall in all, peak RSS 0.79 GB (the same
+curve, to 4 decimals, as on 2026-11-23 with XLA's oneDNN matmuls and optax's AdamW: 2 min
+0 s on an older machine):
   step   250    500    750    1000   1250   1500   1750   2000
   eval  2.438  2.291  2.153  2.055  1.980  1.932  1.901  1.8825
 """

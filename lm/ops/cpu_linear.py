@@ -1,9 +1,9 @@
 """Dense layers as C++ kernels (cpu_linear.cc): y = x w (+ b), optionally then GELU.
 
 The forward and the weight gradient x^T dy (with the bias gradient) are C++; dx = dy w^T
-stays in XLA, which runs it beside the weight gradient (a C++ dx against XLA's w^T was 10%
-slower in the step). With GELU the backward starts from the C++ GELU backward
-(cpu_gelu.cc), which also sums the bias gradient.
+stays in XLA, which runs it beside the weight gradient (a C++ dx tied with it). With GELU
+the backward starts from the C++ GELU backward (cpu_gelu.cc), which also sums the bias
+gradient.
 Built and registered by lm/ops/cpu_kernels.py; lm.models.layers uses these on one CPU
 device for float32 kernels whose axes are multiples of 16, else plain XLA.
 """
