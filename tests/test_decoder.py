@@ -176,8 +176,8 @@ def test_dropout_honours_deterministic():
 @pytest.mark.skipif(not any(map(shutil.which, ('c++', 'g++'))), reason='no C++ compiler')
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])
 def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
-  """The C++ kernels (attention='cpu', packed q, k, v without RoPE, the norms, the dense
-  layers' forward with GELU) against XLA: packed segments, dropout, LayerNorm and RMSNorm,
+  """The C++ kernels (attention='cpu', packed q, k, v without RoPE, the norms with and
+  without the residual add before them, the dense layers with GELU) against XLA: packed segments, dropout, LayerNorm and RMSNorm,
   GELU and SwiGLU, gradients."""
   from lm.models import layers  # pylint: disable=import-outside-toplevel
   from lm.ops import cpu_attention, cpu_kernels, cpu_linear, norms  # pylint: disable=import-outside-toplevel
@@ -187,8 +187,9 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   for name in ('attention', 'packed_attention'):  # GPT-2: packed q, k, v; LLaMA: after RoPE
     monkeypatch.setattr(cpu_attention, name,
                         lambda *a, f=getattr(cpu_attention, name), n=name: calls.append(n) or f(*a))
-  monkeypatch.setattr(norms, 'cpu_norm',
-                      lambda *a, f=norms.cpu_norm: calls.append('norm') or f(*a))
+  for name in ('cpu_norm', 'cpu_add_norm'):
+    monkeypatch.setattr(norms, name,
+                        lambda *a, f=getattr(norms, name), n=name: calls.append(n) or f(*a))
   for name in ('linear', 'linear_gelu'):
     monkeypatch.setattr(cpu_linear, name,
                         lambda *a, f=getattr(cpu_linear, name), n=name: calls.append(n) or f(*a))
@@ -207,7 +208,7 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   assert not calls
   (lc, oc), gc = jax.value_and_grad(functools.partial(loss, cpu), has_aux=True)(params)
   want = {'packed_attention', 'linear_gelu'} if style == 'gpt2' else {'attention'}
-  assert set(calls) == want | {'norm', 'linear'}, 'a kernel was not used'
+  assert set(calls) == want | {'cpu_norm', 'cpu_add_norm', 'linear'}, 'a kernel was not used'
   np.testing.assert_allclose(oc, ox, atol=1e-5)
   for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, atol=1e-5)

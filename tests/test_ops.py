@@ -163,6 +163,31 @@ def test_norm_matches_reference(centered, bias, impl):
   check_against_reference(fn, ref, (x, scale, b), atol=1e-4)
 
 
+@needs_cxx
+@pytest.mark.parametrize('centered,bias', [(True, True), (False, False)])
+def test_cpu_add_norm_matches_add_then_norm(centered, bias):
+  """(x + delta, norm(x + delta)) in one C++ pass each way: both outputs and all gradients,
+  the residual's gradient added to the norm's."""
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  kx, kd, ks, kb = jax.random.split(jax.random.key(5), 4)
+  x, delta = jax.random.normal(kx, (5, 37, 64)), jax.random.normal(kd, (5, 37, 64))
+  scale = 1.0 + 0.1 * jax.random.normal(ks, (64,))
+  b = 0.1 * jax.random.normal(kb, (64,)) if bias else None
+  cts = jax.random.normal(jax.random.key(6), (2, 5, 37, 64))
+  def loss(fn):
+    return lambda x, delta, scale, b: sum(
+        jnp.sum(o * ct) for o, ct in zip(fn(x, delta, scale, b, centered, 1e-5), cts))
+  out = jax.jit(norms.cpu_add_norm, static_argnums=(4, 5))(x, delta, scale, b, centered, 1e-5)
+  ref = norms.add_norm(x, delta, scale, b, centered, 1e-5)
+  for o, r in zip(out, ref):
+    np.testing.assert_allclose(o, r, atol=1e-5)
+  argnums = (0, 1, 2, 3) if bias else (0, 1, 2)
+  grads = jax.grad(loss(norms.cpu_add_norm), argnums)(x, delta, scale, b)
+  ref_grads = jax.grad(loss(norms.add_norm), argnums)(x, delta, scale, b)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-4)
+
+
 def test_gelu_matches_jax():
   x = jnp.linspace(-6.0, 6.0, 1001)
   np.testing.assert_allclose(activations.gelu_tanh(x), jax.nn.gelu(x, approximate=True),

@@ -125,8 +125,8 @@ class Block(nn.Module):
     drop = Dropout(cfg.resid_dropout, self.deterministic)
     h = Attention(cfg, resid_std, self.deterministic, self.decode, name='attn')(
         norm('attn_norm')(x_BTD), positions_BT, segment_ids_BT)
-    x_BTD = x_BTD + drop(h)
-    x_BTD = x_BTD + drop(Mlp(cfg, resid_std, name='mlp')(norm('mlp_norm')(x_BTD)))
+    x_BTD, y_BTD = norm('mlp_norm')(x_BTD, residual=drop(h))  # x + drop(h), its norm
+    x_BTD = x_BTD + drop(Mlp(cfg, resid_std, name='mlp')(y_BTD))
     x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
     return (x_BTD, None) if self.scanned else x_BTD
 

@@ -91,7 +91,9 @@ class Norm(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, residual: Array | None = None):
+    """norm(x); given residual: (h, norm(h)) for h = x + residual (on one CPU device one
+    C++ pass each way, the add folded into the norm's)."""
     d = x.shape[-1]
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
                        (d,), jnp.float32)
@@ -103,11 +105,15 @@ class Norm(nn.Module):
                         (d,), jnp.float32)
     # A hand-written VJP (lm/ops/norms.py): XLA's CPU autodiff of the norm is ~2x slower;
     # on one CPU device the C++ kernels are 4-5x faster again (no sharding rule: one device).
-    fn = norm_ops.norm
-    if (jax.default_backend() == 'cpu' and _one_device() and norm_ops.cpu_supports(x)
-        and cpu_kernels.available()):
-      fn = norm_ops.cpu_norm
-    return fn(x, scale, bias, self.kind == 'layernorm', self.eps).astype(self.dtype)
+    cpu = (jax.default_backend() == 'cpu' and _one_device() and norm_ops.cpu_supports(x)
+           and cpu_kernels.available())
+    centered = self.kind == 'layernorm'
+    if residual is not None:
+      add_norm = norm_ops.cpu_add_norm if cpu and residual.dtype == x.dtype else norm_ops.add_norm
+      h, y = add_norm(x, residual, scale, bias, centered, self.eps)
+      return h, y.astype(self.dtype)
+    fn = norm_ops.cpu_norm if cpu else norm_ops.norm
+    return fn(x, scale, bias, centered, self.eps).astype(self.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> Array:

@@ -20,18 +20,28 @@ ffi::Error check(const Rows& r) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+// With delta (else [0]): the norm of h = x + delta, and h itself (a residual stream and
+// the norm that follows its add, in one pass).
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> delta,
+                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h,
                    ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
                    bool centered, float eps) {
   const Rows r(x);
   if (auto e = check(r); e.failure()) return e;
   const float *xs = x.typed_data(), *s = scale.typed_data(), *b = bias.typed_data();
-  float *ys = y->typed_data(), *means = mean->typed_data(), *rstds = rstd->typed_data();
+  const float* ds = delta.element_count() ? delta.typed_data() : nullptr;
+  float *ys = y->typed_data(), *hs = h->typed_data();
+  float *means = mean->typed_data(), *rstds = rstd->typed_data();
   const float inv_d = 1.0f / r.D;
   parallel_for(pool, r.tasks, [&](int t) {
     for (long i = r.begin(t); i < r.end(t); ++i) {
       const float* xr = xs + i * r.D;
+      if (ds) {
+        for (long j = 0; j < r.D; j += 16)
+          store(hs + i * r.D + j, load(xr + j) + load(ds + i * r.D + j));
+        xr = hs + i * r.D;
+      }
       float mu = 0.0f;
       if (centered) {
         v16 acc{};
@@ -54,16 +64,18 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 // xhat = (x - mean) * rstd, g = dy * scale:
-// dx = rstd * (g - mean(g) [centered only] - xhat * mean(g * xhat)),
-// dscale = sum over rows of dy * xhat, dbias = sum over rows of dy.
+// dx = rstd * (g - mean(g) [centered only] - xhat * mean(g * xhat)) (+ dres: the gradient
+// that reaches x, the residual stream, past the norm), dscale = sum over rows of
+// dy * xhat, dbias = sum over rows of dy.
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
-                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
-                    ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias,
-                    bool centered) {
+                    ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> dres,
+                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                    ffi::ResultBuffer<ffi::F32> dbias, bool centered) {
   const Rows r(x);
   if (auto e = check(r); e.failure()) return e;
   const float *xs = x.typed_data(), *s = scale.typed_data(), *dys = dy.typed_data();
+  const float* drs = dres.element_count() ? dres.typed_data() : nullptr;
   const float *means = mean.typed_data(), *rstds = rstd.typed_data();
   float* dxs = dx->typed_data();
   std::vector<float> partial(r.tasks * 2 * r.D, 0.0f);  // per task: dscale, dbias
@@ -85,7 +97,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       const float mg = centered ? hsum(sum_g) * inv_d : 0.0f, mgx = hsum(sum_gx) * inv_d;
       for (long j = 0; j < r.D; j += 16) {
         const v16 xh = (load(xr + j) - mu) * rs;
-        store(dxs + i * r.D + j, rs * (load(gr + j) * load(s + j) - mg - xh * mgx));
+        const v16 d = rs * (load(gr + j) * load(s + j) - mg - xh * mgx);
+        store(dxs + i * r.D + j, drs ? d + load(drs + i * r.D + j) : d);
       }
     }
   });
@@ -100,9 +113,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmNormForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta, added to x, or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias (zeros if none)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // x + delta, or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mean [R] (0 if not centered)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // rstd [R]
                                   .Attr<bool>("centered")
@@ -116,6 +131,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmNormBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // rstd
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dres, added to dx, or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias

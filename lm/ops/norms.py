@@ -74,23 +74,67 @@ def cpu_norm(x: Array, scale: Array, bias: Array | None, centered: bool, eps: fl
   return _cpu_fwd(x, scale, bias, centered, eps)[0]
 
 
-def _cpu_fwd(x, scale, bias, centered, eps):
+_NONE = np.zeros((0,), np.float32)  # an absent optional operand of the kernels
+
+
+def _cpu_forward(x, delta, scale, bias, centered, eps):
+  """(y, h, mean, rstd) for h = x + delta (delta [0]: h is x, not written, [0])."""
   rows = jax.ShapeDtypeStruct((x.size // x.shape[-1],), jnp.float32)
-  y, mean, rstd = jax.ffi.ffi_call('LmNormForward', (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                                      rows, rows))(
-      x, scale, jnp.zeros_like(scale) if bias is None else bias, centered=centered,
+  out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return jax.ffi.ffi_call('LmNormForward', (out, out if delta.size else jax.ShapeDtypeStruct(
+      (0,), x.dtype), rows, rows))(
+      x, delta, scale, jnp.zeros_like(scale) if bias is None else bias, centered=centered,
       eps=np.float32(eps))
+
+
+def _cpu_backward(h, scale, mean, rstd, dy, dres, centered):
+  return jax.ffi.ffi_call(
+      'LmNormBackward', (jax.ShapeDtypeStruct(h.shape, h.dtype),
+                         *[jax.ShapeDtypeStruct(scale.shape, jnp.float32)] * 2))(
+      h, scale, mean, rstd, dy.astype(jnp.float32), dres, centered=centered)
+
+
+def _cpu_fwd(x, scale, bias, centered, eps):
+  y, _, mean, rstd = _cpu_forward(x, _NONE, scale, bias, centered, eps)
   return y, (x, mean, rstd, scale, bias is not None)
 
 
 def _cpu_bwd(centered, eps, res, dy):
   del eps
   x, mean, rstd, scale, has_bias = res
-  dx, dscale, dbias = jax.ffi.ffi_call(
-      'LmNormBackward', (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         *[jax.ShapeDtypeStruct(scale.shape, jnp.float32)] * 2))(
-      x, scale, mean, rstd, dy.astype(jnp.float32), centered=centered)
+  dx, dscale, dbias = _cpu_backward(x, scale, mean, rstd, dy, _NONE, centered)
   return dx, dscale, dbias if has_bias else None
 
 
 cpu_norm.defvjp(_cpu_fwd, _cpu_bwd)
+
+
+def add_norm(x: Array, delta: Array, scale: Array, bias: Array | None, centered: bool,
+             eps: float) -> tuple[Array, Array]:
+  """(h, norm(h)) for h = x + delta: a residual add and the norm after it."""
+  h = x + delta
+  return h, norm(h, scale, bias, centered, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def cpu_add_norm(x: Array, delta: Array, scale: Array, bias: Array | None, centered: bool,
+                 eps: float) -> tuple[Array, Array]:
+  """`add_norm` as one C++ pass each way: the add in the forward, the residual gradient
+  added to the norm's input gradient in the backward."""
+  return _cpu_add_fwd(x, delta, scale, bias, centered, eps)[0]
+
+
+def _cpu_add_fwd(x, delta, scale, bias, centered, eps):
+  y, h, mean, rstd = _cpu_forward(x, delta, scale, bias, centered, eps)
+  return (h, y), (h, mean, rstd, scale, bias is not None)
+
+
+def _cpu_add_bwd(centered, eps, res, cts):
+  del eps
+  h, mean, rstd, scale, has_bias = res
+  dh, dy = cts
+  dx, dscale, dbias = _cpu_backward(h, scale, mean, rstd, dy, dh.astype(jnp.float32), centered)
+  return dx, dx, dscale, dbias if has_bias else None
+
+
+cpu_add_norm.defvjp(_cpu_add_fwd, _cpu_add_bwd)
