@@ -177,10 +177,11 @@ def test_dropout_honours_deterministic():
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])
 def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   """The C++ kernels (attention='cpu', packed q, k, v without RoPE, the norms with and
-  without the residual add before them, the dense layers with GELU) against XLA: packed segments, dropout, LayerNorm and RMSNorm,
-  GELU and SwiGLU, gradients."""
+  without the residual add before them, the dense layers with GELU) against XLA: packed
+  segments, dropout, LayerNorm and RMSNorm, GELU and SwiGLU, gradients."""
   from lm.models import layers  # pylint: disable=import-outside-toplevel
-  from lm.ops import cpu_attention, cpu_kernels, cpu_linear, norms  # pylint: disable=import-outside-toplevel
+  from lm.ops import (  # pylint: disable=import-outside-toplevel
+      cpu_attention, cpu_kernels, cpu_linear, norms)
   assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
   monkeypatch.setattr(layers, '_one_device', lambda: True)  # the tests run on 8 devices
   calls = []

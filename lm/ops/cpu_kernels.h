@@ -81,8 +81,8 @@ inline float hsum(v16 x) {
 }
 #endif
 
-// exp(x) for x <= 0 (attention scores minus their row max; tanh): Cody-Waite reduction and a degree-6
-// polynomial, ~1 ulp; below -87 it returns 0.
+// exp(x) for x <= 0 (attention scores minus their row max; tanh): Cody-Waite reduction and
+// a degree-6 polynomial, ~1 ulp; below -87 it returns 0.
 inline v16 vexp(v16 x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   // round(x / ln 2) for x <= 0, by truncation of x / ln 2 - 0.5
@@ -186,7 +186,8 @@ void parallel_for(ffi::ThreadPool& pool, int n, const F& f) {
   struct State {
     std::atomic<int> next[kMaxParts], done{0};
   };
-  const int parts = static_cast<int>(std::clamp<long>(pool.num_threads(), 1, std::min(n, kMaxParts)));
+  if (n <= 0) return;
+  const int parts = std::clamp(static_cast<int>(pool.num_threads()), 1, std::min(n, kMaxParts));
   auto st = std::make_shared<State>();
   for (int p = 0; p < parts; ++p) st->next[p] = static_cast<int>(static_cast<long>(n) * p / parts);
   auto work = [st, n, parts, fp = &f]() {
