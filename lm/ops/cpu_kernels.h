@@ -10,7 +10,9 @@
 #include <memory>
 #include <thread>
 
+#if defined(__linux__)
 #include <sched.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -191,7 +193,11 @@ void parallel_for(ffi::ThreadPool& pool, int n, const F& f) {
   auto st = std::make_shared<State>();
   for (int p = 0; p < parts; ++p) st->next[p] = static_cast<int>(static_cast<long>(n) * p / parts);
   auto work = [st, n, parts, fp = &f]() {
+#if defined(__linux__)
     const int first = std::max(0, sched_getcpu()) % parts;
+#else
+    const int first = 0;  // no core affinity: the parts in order
+#endif
     for (int q = 0; q < parts; ++q) {
       const int p = (first + q) % parts;
       const int end = static_cast<int>(static_cast<long>(n) * (p + 1) / parts);
