@@ -41,8 +41,7 @@ def contract(x: Array, w: Array, in_dims: int = 1, bias: Array | None = None,
   k = math.prod(w.shape[:in_dims])
   x_MK, w_KN = x.reshape(-1, k), w.reshape(k, -1)
   bias_N = None if bias is None else bias.reshape(-1)
-  if (jax.default_backend() == 'cpu' and _one_device() and cpu_linear.supports(x_MK, w_KN)
-      and cpu_kernels.available()):
+  if _cpu_kernels(cpu_linear.supports(x_MK, w_KN)):
     y_MN = (cpu_linear.linear_gelu if gelu else cpu_linear.linear)(x_MK, w_KN, bias_N)
   else:
     y_MN = x_MK @ w_KN
@@ -105,8 +104,7 @@ class Norm(nn.Module):
                         (d,), jnp.float32)
     # A hand-written VJP (lm/ops/norms.py): XLA's CPU autodiff of the norm is ~2x slower;
     # on one CPU device the C++ kernels are 4-5x faster again (no sharding rule: one device).
-    cpu = (jax.default_backend() == 'cpu' and _one_device() and norm_ops.cpu_supports(x)
-           and cpu_kernels.available())
+    cpu = _cpu_kernels(norm_ops.cpu_supports(x))
     centered = self.kind == 'layernorm'
     if residual is not None:
       add_norm = norm_ops.cpu_add_norm if cpu and residual.dtype == x.dtype else norm_ops.add_norm
@@ -162,6 +160,13 @@ def _one_device() -> bool:
   return jax.device_count() == 1
 
 
+def _cpu_kernels(supported: bool) -> bool:
+  """Whether to use a C++ kernel (lm/ops/cpu_*.cc) that takes these operands (`supported`):
+  on one CPU device (they have no sharding rule) once they are built."""
+  return (supported and jax.default_backend() == 'cpu' and _one_device()
+          and cpu_kernels.available())
+
+
 def _kernel_seed(rng) -> Array:
   """The C++ attention kernel's dropout seed: hashed from rng, zeros when dropout is off."""
   return jnp.zeros((2,), jnp.uint32) if rng is None else dropout_ops.seed_from_key(rng)
@@ -200,8 +205,8 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
                                         is_causal=is_causal, implementation='cudnn')
   seed = _kernel_seed(dropout_rng if use_dropout else None)
   rate = dropout_rate if use_dropout else 0.0
-  if (impl == 'cpu' and segment_ids_BT is not None and is_causal and _one_device()
-      and cpu_attention.supports(q_BTNH, k_BSKH) and cpu_kernels.available()):
+  if (impl == 'cpu' and segment_ids_BT is not None and is_causal
+      and _cpu_kernels(cpu_attention.supports(q_BTNH, k_BSKH))):
     return cpu_attention.attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, seed, True, rate)
   return attention_ops.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS,
                                  seed if use_dropout else None, is_causal, rate)

@@ -12,8 +12,7 @@
 namespace lm {
 namespace {
 
-// t = tanh(C (u + A u^3)): du = dy (0.5 (1 + t) + 0.5 u (1 - t^2) C (1 + 3 A u^2));
-// dbias = the sum of du over rows.
+// du = dy gelu'(u) (vgelu_grad, cpu_kernels.h); dbias = the sum of du over rows.
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> dy,
                     ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> dbias) {
   const Rows r(u);
@@ -25,11 +24,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> u, ffi::Buffer<f
     float* db = partial.data() + t * r.D;
     for (long i = r.begin(t); i < r.end(t); ++i)
       for (long j = 0; j < r.D; j += 16) {
-        const v16 x = load(us + i * r.D + j), x2 = x * x;
-        const v16 th = vtanh(kGeluC * (x + kGeluA * x2 * x));
-        const v16 d = load(dys + i * r.D + j) *
-                      (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC *
-                                                (1.0f + 3 * kGeluA * x2));
+        const v16 d = load(dys + i * r.D + j) * vgelu_grad(load(us + i * r.D + j));
         store(dus + i * r.D + j, d);
         store(db + j, load(db + j) + d);
       }

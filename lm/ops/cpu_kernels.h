@@ -124,6 +124,11 @@ inline v16 vtanh(v16 z) {
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 inline v16 vgelu(v16 u) { return 0.5f * u * (1.0f + vtanh(kGeluC * (u + kGeluA * u * u * u))); }
+// Its derivative: 0.5 (1 + t) + 0.5 u (1 - t^2) C (1 + 3 A u^2), t = tanh(C (u + A u^3)).
+inline v16 vgelu_grad(v16 u) {
+  const v16 u2 = u * u, t = vtanh(kGeluC * (u + kGeluA * u2 * u));
+  return 0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * kGeluC * (1.0f + 3 * kGeluA * u2);
+}
 
 // C[MR, 16 * NV] (+)= A[MR, k0:k1] B[k0:k1, 16 * NV]; A(i, k) sits at a[i * ai + k * ak],
 // so A may be read transposed for free (its elements are broadcast, not vector-loaded).
