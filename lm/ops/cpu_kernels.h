@@ -83,7 +83,7 @@ inline float hsum(v16 x) {
 }
 #endif
 
-// exp(x) for x <= 0 (attention scores minus their row max; tanh): Cody-Waite reduction and
+// exp(x) for x <= 0 (attention scores minus their row max): Cody-Waite reduction and
 // a degree-6 polynomial, ~1 ulp; below -87 it returns 0.
 inline v16 vexp(v16 x) {
   x = x < -87.0f ? splat(-87.0f) : x;
@@ -101,8 +101,9 @@ inline v16 vexp(v16 x) {
   return p * (v16)((ni + 127) << 23);
 }
 
-// 1 / d for d in [1, 2]: a division costs several times the rest of a lane's work, so on
-// AVX-512 the 14-bit reciprocal estimate plus one Newton step (~1e-7 relative) stands in.
+// 1 / d for d > 0 (a normal float): a division costs several times the rest of a lane's
+// work, so on AVX-512 the 14-bit reciprocal estimate plus one Newton step (~1e-7 relative)
+// stands in.
 inline v16 reciprocal(v16 d) {
 #ifdef __AVX512F__
   const v16 r = (v16)_mm512_rcp14_ps((__m512)d);
@@ -112,12 +113,23 @@ inline v16 reciprocal(v16 d) {
 #endif
 }
 
-// tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|) <= 1 (the range vexp takes).
+// tanh(z) as XLA:CPU computes it (Eigen's rational approximation: z times an even
+// degree-12 polynomial over an even degree-6 one, z clamped to +-7.905), within 4e-7 of
+// tanh; 30% faster in the GELU kernels than (1 - e) / (1 + e) with e = exp(-2|z|).
 inline v16 vtanh(v16 z) {
-  const v16 a = z < 0.0f ? -z : z;
-  const v16 e = vexp(-2.0f * a);
-  const v16 t = (1.0f - e) * reciprocal(1.0f + e);
-  return z < 0.0f ? -t : t;
+  constexpr float kClamp = 7.90531110763549805f;
+  const v16 x = z < -kClamp ? splat(-kClamp) : z > kClamp ? splat(kClamp) : z;
+  const v16 x2 = x * x;
+  v16 p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  v16 q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;  // >= 4.89e-3: reciprocal's range
+  return x * p * reciprocal(q);
 }
 
 // GELU, tanh approximation (GPT-2): 0.5 u (1 + tanh(C (u + A u^3))).
