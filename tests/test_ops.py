@@ -220,6 +220,20 @@ def test_cpu_linear_matches_reference(bias, gelu):
   assert not cpu_linear.supports(big, w)  # x past L2: XLA's matmul is faster
 
 
+@needs_cxx
+def test_cpu_gelu_backward_matches_reference():
+  """GELU with the C++ backward (for XLA's matmul outputs): 37 rows, 48 columns."""
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  u = 3.0 * jax.random.normal(jax.random.key(5), (37, 48))
+  ct = jax.random.normal(jax.random.key(6), u.shape)
+  np.testing.assert_allclose(cpu_linear.gelu(u), activations.gelu_tanh(u), atol=1e-6)
+  g = jax.grad(lambda u: jnp.sum(jax.jit(cpu_linear.gelu)(u) * ct))(u)
+  r = jax.grad(lambda u: jnp.sum(jax.nn.gelu(u, approximate=True) * ct))(u)
+  np.testing.assert_allclose(g, r, atol=1e-5)
+  assert cpu_linear.supports_gelu(u) and not cpu_linear.supports_gelu(u[:, :40])
+  assert not cpu_linear.supports_gelu(u.astype(jnp.bfloat16))
+
+
 @pytest.mark.parametrize('in_dims', [1, 2])
 def test_contract_matches_dot_general(in_dims):
   kx, kw, kc = jax.random.split(jax.random.key(3), 3)

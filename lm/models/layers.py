@@ -37,6 +37,7 @@ def contract(x: Array, w: Array, in_dims: int = 1, bias: Array | None = None,
   On one CPU device, float32 with K and N multiples of 16 and x within L2, the forward and
   the weight gradient are C++ kernels (lm/ops/cpu_linear.py: 1.2-2x XLA:CPU's rate at the
   small model's shapes, the bias, GELU and bias gradient folded in); dy @ w^T is XLA's.
+  Past L2 the matmuls are XLA's and only GELU's backward is C++.
   """
   k = math.prod(w.shape[:in_dims])
   x_MK, w_KN = x.reshape(-1, k), w.reshape(k, -1)
@@ -48,7 +49,8 @@ def contract(x: Array, w: Array, in_dims: int = 1, bias: Array | None = None,
     if bias_N is not None:
       y_MN = y_MN + bias_N.astype(y_MN.dtype)
     if gelu:
-      y_MN = activation_ops.gelu_tanh(y_MN)
+      cpu_gelu = _cpu_kernels(cpu_linear.supports_gelu(y_MN))
+      y_MN = (cpu_linear.gelu if cpu_gelu else activation_ops.gelu_tanh)(y_MN)
   return y_MN.reshape(x.shape[:x.ndim - in_dims] + w.shape[in_dims:])
 
 
