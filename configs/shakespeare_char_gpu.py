@@ -9,10 +9,10 @@ clip 1.0, 5000 iterations. nanoGPT's README: best val loss 1.4697 on one A100 in
 minutes. On CPU this is the speed benchmark (batch 16):
   python scripts/benchmark.py --config=configs/shakespeare_char_gpu.py \
       --config.train.batch_size=16 --steps=10
-measured on 2 CPU cores (2026-12-02, AVX-512 Xeon, two interleaved sets): ~40 s,
-3,550-3,930 tokens/s, MFU 0.71-0.78 against a peak that read 336-388 GFLOP/s (nanoGPT in
-PyTorch eager, scripts/benchmark_nanogpt.py with the same flags: 2,470-2,610 tokens/s;
-1.37-1.51x run for run).
+measured on 2 CPU cores (2026-12-02 14:58 UTC, AVX-512 Xeon, interleaved): ~50 s,
+3,383 / 3,511 tokens/s, MFU 0.725 / 0.762 against a peak that read 331 / 327 GFLOP/s
+(nanoGPT in PyTorch eager, scripts/benchmark_nanogpt.py with the same flags: 2,280 / 2,330
+tokens/s; 1.48-1.51x run for run).
 """
 from lm.config import base_config, gpt2_model
 
