@@ -177,8 +177,9 @@ def test_dropout_honours_deterministic():
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])
 def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   """The C++ kernels (attention='cpu', packed q, k, v without RoPE, the norms with and
-  without the residual add before them, the dense layers with GELU) against XLA: packed
-  segments, dropout, LayerNorm and RMSNorm, GELU and SwiGLU, gradients."""
+  without the residual add before them, the dense layers with GELU, and GELU's backward
+  alone as past L2) against XLA: packed segments, dropout, LayerNorm and RMSNorm, GELU and
+  SwiGLU, gradients."""
   from lm.models import layers  # pylint: disable=import-outside-toplevel
   from lm.ops import (  # pylint: disable=import-outside-toplevel
       cpu_attention, cpu_kernels, cpu_linear, norms)
@@ -191,7 +192,7 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   for name in ('cpu_norm', 'cpu_add_norm'):
     monkeypatch.setattr(norms, name,
                         lambda *a, f=getattr(norms, name), n=name: calls.append(n) or f(*a))
-  for name in ('linear', 'linear_gelu'):
+  for name in ('linear', 'linear_gelu', 'gelu'):
     monkeypatch.setattr(cpu_linear, name,
                         lambda *a, f=getattr(cpu_linear, name), n=name: calls.append(n) or f(*a))
   kw = dict(head_dim=16, attn_dropout=0.1, resid_dropout=0.1)
@@ -205,6 +206,7 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   with monkeypatch.context() as m:  # the reference: no kernel at all
     m.setattr(norms, 'cpu_supports', lambda x: False)
     m.setattr(cpu_linear, 'supports', lambda x, w: False)
+    m.setattr(cpu_linear, 'supports_gelu', lambda u: False)
     (lx, ox), gx = jax.value_and_grad(functools.partial(loss, xla), has_aux=True)(params)
   assert not calls
   (lc, oc), gc = jax.value_and_grad(functools.partial(loss, cpu), has_aux=True)(params)
@@ -213,6 +215,14 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   np.testing.assert_allclose(oc, ox, atol=1e-5)
   for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+  if style == 'gpt2':  # as if past L2: XLA's matmuls, then GELU with the C++ backward
+    calls.clear()
+    monkeypatch.setattr(cpu_linear, 'MAX_X_BYTES', 0)
+    (_, op), gp = jax.value_and_grad(functools.partial(loss, cpu), has_aux=True)(params)
+    assert 'gelu' in calls and not {'linear', 'linear_gelu'} & set(calls)
+    np.testing.assert_allclose(op, ox, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])  # biases; GQA without biases
