@@ -12,24 +12,26 @@
 namespace lm {
 namespace {
 
-// du = dy gelu'(u) (vgelu_grad, cpu_kernels.h); dbias = the sum of du over rows.
+// du = dy gelu'(u) (vgelu_grad, cpu_kernels.h); dbias = the sum of du over rows, unless
+// dbias is [0] (no bias before the GELU).
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> dy,
                     ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> dbias) {
   const Rows r(u);
   if (r.D % 16) return ffi::Error::InvalidArgument("gelu: the last axis must be a multiple of 16");
   const float *us = u.typed_data(), *dys = dy.typed_data();
   float* dus = du->typed_data();
-  std::vector<float> partial(r.tasks * r.D, 0.0f);
+  const bool sums = dbias->element_count() != 0;
+  std::vector<float> partial(sums ? r.tasks * r.D : 0, 0.0f);
   parallel_for(pool, r.tasks, [&](int t) {
-    float* db = partial.data() + t * r.D;
+    float* db = partial.data() + (sums ? t * r.D : 0);
     for (long i = r.begin(t); i < r.end(t); ++i)
       for (long j = 0; j < r.D; j += 16) {
         const v16 d = load(dys + i * r.D + j) * vgelu_grad(load(us + i * r.D + j));
         store(dus + i * r.D + j, d);
-        store(db + j, load(db + j) + d);
+        if (sums) store(db + j, load(db + j) + d);
       }
   });
-  sum_partials(partial.data(), r.tasks, r.D, r.D, dbias->typed_data());
+  if (sums) sum_partials(partial.data(), r.tasks, r.D, r.D, dbias->typed_data());
   return ffi::Error::Success();
 }
 
@@ -41,6 +43,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmGeluBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // u (GELU's input)
                                   .Arg<ffi::Buffer<ffi::F32>>()    // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()    // du
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // du summed over rows
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // du summed over rows, or [0]
 
 }  // namespace lm

@@ -73,17 +73,18 @@ def _linear_gelu_fwd(x, w, bias):
   return h, (x, w, u, bias)
 
 
-def _gelu_backward(u, dh):
-  """(du, du summed over rows) for h = gelu(u) (cpu_gelu.cc)."""
-  return jax.ffi.ffi_call('LmGeluBackward', (jax.ShapeDtypeStruct(u.shape, u.dtype),
-                                             jax.ShapeDtypeStruct(u.shape[-1:], u.dtype)))(
-      u, dh.astype(jnp.float32))
+def _gelu_backward(u, dh, with_bias: bool):
+  """(du, du summed over rows or [0]) for h = gelu(u) (cpu_gelu.cc)."""
+  return jax.ffi.ffi_call('LmGeluBackward', (
+      jax.ShapeDtypeStruct(u.shape, u.dtype),
+      jax.ShapeDtypeStruct(u.shape[-1:] if with_bias else (0,), u.dtype)))(
+          u, dh.astype(jnp.float32))
 
 
 def _linear_gelu_bwd(res, dh):
   x, w, u, bias = res
-  du, dbias = _gelu_backward(u, dh)
-  return (*_grads(x, w, du, False)[:2], dbias if bias.size else bias)
+  du, dbias = _gelu_backward(u, dh, bias.size > 0)
+  return (*_grads(x, w, du, False)[:2], dbias)  # [0] without a bias
 
 
 _linear_gelu.defvjp(_linear_gelu_fwd, _linear_gelu_bwd)
@@ -110,7 +111,7 @@ def gelu(u: Array) -> Array:
   return activations.gelu_tanh(u)
 
 
-gelu.defvjp(lambda u: (gelu(u), u), lambda u, dh: (_gelu_backward(u, dh)[0],))
+gelu.defvjp(lambda u: (gelu(u), u), lambda u, dh: (_gelu_backward(u, dh, False)[0],))
 
 
 def linear_gelu(x: Array, w: Array, bias: Array | None = None) -> Array:
