@@ -75,10 +75,10 @@ def main(argv):
     return calls * k, page_faults() - faults
 
   # The kept heap (lm/train/host_memory.py) grows over the first steps, each faulting a
-  # fresh copy of the step's temporaries in (~1.2 GB, 2.3x a settled step's time on
-  # shakespeare_char_gpu): a one-off that a long run does not see. So the warm-up goes on,
-  # four steps (or one call of k) at a time, until they fault in under 8 MB per four steps
-  # (at most 30 steps).
+  # fresh copy of the step's temporaries in (0.66 GB on shakespeare_char_gpu; such a step
+  # takes 1.2-2x a settled one's time): a one-off that a long run does not see. So the
+  # warm-up goes on, four steps (or one call of k) at a time, until they fault in under
+  # 8 MB per four steps (at most 30 steps).
   warmup = run(_WARMUP.value)[0]
   while warmup < 30:
     ran, faults = run(4)

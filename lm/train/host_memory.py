@@ -1,15 +1,18 @@
 """Make glibc keep freed memory for the next train step (CPU backend only).
 
-XLA:CPU allocates all of an executable's temporaries as one buffer per run: 1.2 GB for
-shakespeare_char_gpu at batch 16, 45 MB for shakespeare_char. glibc serves a block that
-large with a fresh mmap from the calling thread's arena and unmaps it on free, so each
-step faults every page back in and the kernel zeroes it: ~290k page faults and ~0.6 s of
-system time per step on the larger model. With one arena, no mmap and no trimming, the
-block stays in the heap and is reused. Measured on 2 cores, one session: 1.41x tokens/s
-on shakespeare_char, 1.14x on shakespeare_char_gpu. The cost is memory: freed blocks stay
-resident and two steps in flight can each hold one, so the larger model's peak RSS rose
-from 2.0 GB to 3.1-5.3 GB (varying run to run with allocation timing), 5.7 GB with
-oneDNN matmuls, whose own allocations fragment the kept heap (README).
+XLA:CPU allocates all of an executable's temporaries as one buffer per run: 0.66 GB for
+shakespeare_char_gpu at batch 16, 28 MB for shakespeare_char (`temp_size_in_bytes` of the
+compiled step). glibc serves a block that large with a fresh mmap from the calling
+thread's arena and unmaps it on free, so each step faults every page back in and the
+kernel zeroes it: ~180k page faults per step on the larger model, 1.31 s a step against
+1.10-1.15 s here (2026-12-02). With one arena, no mmap and no trimming, the block stays in
+the heap and is reused. The cost is memory: the heap keeps more than one copy of the
+block, since two steps can be in flight and allocations made between steps split a freed
+copy's space so that the next block no longer fits in it. On the larger model (mallinfo2,
+2026-12-02) the heap held 0.26 GB of longer-lived data plus two to five copies of the
+block after its first 5-15 steps, then stayed put: peak RSS 1.84-3.77 GB against 1.29 GB
+with glibc's defaults; more with oneDNN matmuls, whose own allocations fragment the kept
+heap (README).
 LM_SYSTEM_MALLOC=1 turns it off.
 Must run before JAX starts its threads.
 """
