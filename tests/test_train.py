@@ -202,6 +202,17 @@ def test_steps_per_call_matches_one_step_per_call(data_dir, tmp_path, monkeypatc
                                                                 3, 1, 1]
 
 
+def test_kept_heap_is_released_after_evals_and_saves(data_dir, tmp_path, monkeypatch):
+  """Evaluation and checkpointing fragment the kept heap (lm/train/host_memory.py): the loop
+  hands its free pages back after each, not after other steps."""
+  released = []
+  monkeypatch.setattr(trainer.host_memory, 'release_free_memory', lambda: released.append(1))
+  c = tiny_config(data_dir, steps=6, log_every=2, eval_every=4)
+  c.checkpoint.update(every_steps=3)
+  trainer.train(c, tmp_path / 'run', log=lambda s: None)
+  assert len(released) == 3  # after the save at 3, the eval at 4, the eval and save at 6
+
+
 def test_restore_onto_a_different_mesh(data_dir, tmp_path):
   c = tiny_config(data_dir, steps=4, eval_every=0)
   c.mesh.update(data=2, fsdp=2, tensor=2)

@@ -24,6 +24,7 @@ from lm import config as lm_config
 from lm import models
 from lm.train import checkpoint as ckpt_lib
 from lm.train import flops as flops_lib
+from lm.train import host_memory
 from lm.train import metrics as metrics_lib
 from lm.train import objectives, optim, partitioning
 
@@ -397,9 +398,12 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
             f'{ev["eval/perplexity"]:.2f}')
         t_mark = None  # eval time is not training throughput
       stop = preempted.flag
-      if done % config.checkpoint.every_steps == 0 or done == steps or stop:
+      saving = done % config.checkpoint.every_steps == 0 or done == steps or stop
+      if saving:
         settle()
         ckpt.save(done, state, train_iter.get_state(), config, eval_loss)
+      if saving or eval_loss is not None:  # their allocations fragment the kept heap
+        host_memory.release_free_memory()
       if stop:
         log(f'SIGTERM: saved step {done} in {ckpt.directory}; exiting.')
         break
