@@ -6,14 +6,16 @@ import sys
 
 import pytest
 
-_PROBE = '''
-import ctypes, resource, sys
+_SETUP = '''
+import ctypes, os, resource, sys
 from lm.train import host_memory
 applied = host_memory.keep_freed_memory() if sys.argv[1] == 'keep' else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
+'''
 
+_PROBE = _SETUP + '''
 def faults_of_a_fresh_64mb_block():  # as XLA's temporaries: malloc, touch every page, free
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   block = libc.malloc(64 << 20)
@@ -26,13 +28,7 @@ print(applied, faults_of_a_fresh_64mb_block())
 '''
 
 
-_RELEASE_PROBE = '''
-import ctypes, os, sys
-from lm.train import host_memory
-applied = host_memory.keep_freed_memory() if sys.argv[1] == 'keep' else False
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
+_RELEASE_PROBE = _SETUP + '''
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 block = libc.malloc(64 << 20)
 ctypes.memset(block, 1, 64 << 20)

@@ -62,7 +62,7 @@ def keep_freed_memory() -> bool:
 def release_free_memory() -> bool:
   """Hands the kept heap's free pages back to the OS (glibc's malloc_trim, which also
   releases free chunks inside the heap); True if any were. For after an evaluation or a
-  checkpoint: the next step faults its temporaries in once (~0.2 s on the larger model),
-  and copies the heap would otherwise keep stop counting as resident. A no-op (False)
+  checkpoint: the next steps fault their temporaries in again (~0.2 s a copy on the larger
+  model), and copies the heap would otherwise keep stop counting as resident. A no-op (False)
   unless keep_freed_memory applied its settings in this process."""
   return bool(_libc.malloc_trim(0)) if _libc is not None else False
