@@ -1,8 +1,11 @@
 """GPT-2 1558M (48 layers, 1600 wide, 25 heads, context 1024, vocab 50257).
 
   python scripts/model_summary.py --config=configs/gpt2_1558m.py
-    -> total_params=1557611200 (the public checkpoint's count), in seconds on a CPU.
-Training: as configs/gpt2_124m.py says; use bfloat16 and FSDP on accelerators.
+    -> total_params=1557611200 (the public checkpoint's count), ~6 s on 2 CPU cores.
+  python scripts/train.py --config=configs/gpt2_1558m.py --compile_only --topology=v5e-8
+    -> compile-only: see docs/tpu_compile.md.
+Training: not run yet (no measured runtime or loss). Data and tokenizer as
+configs/gpt2_124m.py says; use --config.runtime.dtype=bfloat16 and FSDP on accelerators.
 """
 from lm.config import base_config, gpt2_model
 

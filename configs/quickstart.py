@@ -4,10 +4,10 @@
 
 The corpus is the Python standard library of the running interpreter (no download);
 bytes tokenizer. 4 layers x 128 wide, context 128, batch 16, 600 steps.
-Measured on 2 CPU cores (2026-12-02, AVX-512 Xeon): 52 s wall in all (1 min 28 s with the
-install in a fresh venv; the first run also builds the corpus, ~4 MB), peak RSS 0.87 GB;
-eval loss 2.32, 2.01, 1.87 nats/byte at steps 200, 400, 600; then 300 bytes of
-Python-looking text (2026-11-23, an older machine: 1 min 44 s).
+Expected on 2 CPU cores (AVX-512 Xeon): 52 s wall in all (1 min 28 s with the install in
+a fresh venv; the first run also builds the corpus, ~4 MB), peak RSS 0.87 GB; eval loss
+2.32, 2.01, 1.87 nats/byte at steps 200, 400, 600; then 300 bytes of Python-looking text.
+Dated runs, other machines: docs/performance.md.
 """
 from lm.config import base_config, gpt2_model
 

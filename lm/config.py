@@ -1,8 +1,11 @@
-"""The one config schema every experiment starts from.
+"""The config schema every experiment starts from.
 
-Each `configs/NAME.py` calls `base_config()` and overrides fields. The returned
-ConfigDict is locked, so a misspelt `--config.train.stpes=...` is rejected with
-the valid keys near it instead of silently adding a field.
+Each `configs/NAME.py` calls `base_config(family)` and overrides fields. Sections:
+`model` (architecture, one schema per family, saved with the checkpoint and compared on
+resume), `runtime` (dtype, remat, scan, attention, dropout: free to change on resume),
+`task`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, and `init_from`. The returned
+ConfigDict is locked, so a misspelt `--config.train.stpes=...` is rejected with the valid
+keys near it instead of silently adding a field.
 """
 from __future__ import annotations
 
@@ -10,41 +13,68 @@ import difflib
 
 import ml_collections as mlc
 
+from lm.data.tokenizers import build_tokenizer
 
-def base_config() -> mlc.ConfigDict:
+
+# Architecture fields per model family: tied to a checkpoint, compared on resume.
+# Field meanings in the family's module (lm/models/decoder.py, ...).
+MODEL_SCHEMAS = {
+    'decoder': dict(
+        family="decoder",
+        vocab_size=0,  # 0: taken from the tokenizer at the start of training
+        max_len=128,  # context length (block size)
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=0,  # 0: same as n_heads (MHA); 1: MQA; else GQA
+        head_dim=0,  # 0: d_model // n_heads
+        d_ff=0,  # 0: 4 * d_model
+        pos_embedding="learned",  # learned | rope
+        rope_theta=10000.0,
+        rope_scaling=dict(
+            type="none",  # none | linear | llama3
+            factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_len=8192),
+        norm="layernorm",  # layernorm | rmsnorm
+        norm_eps=1e-5,
+        mlp="gelu",  # gelu | swiglu
+        use_bias=True,
+        tie_embeddings=True,
+        sliding_window=0,  # 0: none (Mistral uses 4096)
+        init_std=0.02,
+    ),
+}
+
+# How the model runs, not what it is: may change between runs and on resume.
+RUNTIME_DEFAULTS = dict(
+    dtype="float32",  # compute dtype: float32 | bfloat16
+    param_dtype="float32",  # stored params (and optimizer state)
+    remat="none",  # none | full | save_dots
+    scan_layers=False,  # one scanned layer stack (faster compiles for deep models)
+    # auto: splash on TPU, cuDNN on GPU (16-bit), the C++ kernel on one CPU device, else
+    # xla | splash | cudnn | cpu (chosen once per run in lm/ops/backend.py)
+    attention="auto",
+    embed_dropout=0.0,
+    attn_dropout=0.0,
+    resid_dropout=0.0,
+    cpu_matmuls="ynn",  # XLA:CPU's matmul library: ynn (its default) | onednn (backend.py)
+)
+RUNTIME_FIELDS = tuple(RUNTIME_DEFAULTS)
+
+
+def base_config(family: str = 'decoder') -> mlc.ConfigDict:
+  if family not in MODEL_SCHEMAS:
+    raise ValueError(f'Unknown model.family {family!r}; known: {sorted(MODEL_SCHEMAS)}.')
   c = mlc.ConfigDict()
-
-  # Model: read by lm.models.get_model. Field meanings in lm/models/decoder.py.
-  c.model = mlc.ConfigDict(dict(
-      family="decoder",
-      vocab_size=0,  # 0: taken from the tokenizer at the start of training
-      max_len=128,  # context length (block size)
-      d_model=128,
-      n_layers=2,
-      n_heads=4,
-      n_kv_heads=0,  # 0: same as n_heads (MHA); 1: MQA; else GQA
-      head_dim=0,  # 0: d_model // n_heads
-      d_ff=0,  # 0: 4 * d_model
-      pos_embedding="learned",  # learned | rope
-      rope_theta=10000.0,
-      rope_scaling=mlc.ConfigDict(dict(
-          type="none",  # none | linear | llama3
-          factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
-          original_max_len=8192)),
-      norm="layernorm",  # layernorm | rmsnorm
-      norm_eps=1e-5,
-      mlp="gelu",  # gelu | swiglu
-      use_bias=True,
-      tie_embeddings=True,
-      sliding_window=0,  # 0: none (Mistral uses 4096)
-      embed_dropout=0.0,
-      attn_dropout=0.0,
-      resid_dropout=0.0,
-      init_std=0.02,
-      dtype="float32",  # compute dtype: float32 | bfloat16
-      remat="none",  # none | full | save_dots
-      scan_layers=False,
-      attention="auto",  # xla | cudnn | cpu | auto (cuDNN on GPU, the C++ kernel on CPU)
+  c.model = mlc.ConfigDict(MODEL_SCHEMAS[family])
+  c.runtime = mlc.ConfigDict(RUNTIME_DEFAULTS)
+  # A new run starting from weights: an lm run directory (its model config and tokenizer
+  # come along) or a Hugging Face model directory. "" trains from scratch.
+  c.init_from = ""
+  # What the trainer trains (lm/train/tasks.py) and the task's own options.
+  c.task = mlc.ConfigDict(dict(
+      name="causal_lm",
+      z_loss=0.0,  # causal_lm: PaLM's auxiliary log(Z)^2 loss
   ))
 
   # Data: read by lm.data (sources.py, tokenizers.py, pipeline.py).
@@ -82,11 +112,8 @@ def base_config() -> mlc.ConfigDict:
       log_every=50,
       eval_every=250,
       eval_steps=20,
-      objective="causal_lm",
-      z_loss=0.0,
       sample_prompt="",  # printed sample at the end ("" -> no sample)
       sample_tokens=200,
-      cpu_matmuls="ynn",  # XLA:CPU's matmul library: ynn (its default) | onednn (trainer.py)
   ))
 
   c.optimizer = mlc.ConfigDict(dict(
@@ -122,10 +149,15 @@ def base_config() -> mlc.ConfigDict:
 
 def check_keys(config: mlc.ConfigDict, reference: mlc.ConfigDict | None = None,
                prefix: str = "") -> None:
-  """Raises a clear error for keys the schema does not know."""
-  reference = base_config() if reference is None else reference
+  """Raises a clear error for keys the schema (of the config's model family) does not know."""
+  if reference is None:
+    family = config.get('model', {}).get('family', 'decoder')
+    reference = base_config(family)
   for key, value in config.items():
     if key not in reference:
+      if prefix == 'model.' and key in RUNTIME_FIELDS:
+        raise KeyError(f"'model.{key}' is a runtime field now: set runtime.{key} "
+                       f"(--config.runtime.{key}=...).")
       near = difflib.get_close_matches(key, list(reference.keys()), n=3)
       raise KeyError(
           f"Unknown config key '{prefix}{key}'. Did you mean: "
@@ -155,7 +187,6 @@ def resolve(config: mlc.ConfigDict, tokenizer=None) -> mlc.ConfigDict:
   config = config.copy_and_resolve_references()
   if config.model.vocab_size == 0:
     if tokenizer is None:
-      from lm.data import build_tokenizer  # lazy: building may read the corpus
       tokenizer = build_tokenizer(config)
     with config.unlocked():
       config.model.vocab_size = tokenizer.vocab_size

@@ -94,7 +94,7 @@ def main(argv):
   tokens_per_sec = b * t * steps / seconds
   fpt = flops.flops_per_token(setup.model)
   print(json.dumps({
-      'config': config.model.to_dict() | {'batch_size': b},
+      'config': config.model.to_dict() | config.runtime.to_dict() | {'batch_size': b},
       'device': jax.devices()[0].device_kind, 'num_devices': len(setup.mesh.devices.flat),
       'warmup_steps': warmup, 'steps': steps, 'steps_per_call': k,
       'seconds_per_step': seconds / steps, 'page_faults_per_step': faults / steps,

@@ -78,6 +78,7 @@ def main(argv):
   if wrong or m.n_kv_heads not in (0, m.n_heads):
     raise ValueError(f'nanoGPT is GPT-2 style ({wanted}, no GQA); this config has {wrong}'
                      f' n_kv_heads={m.n_kv_heads}. Use a GPT-2 style config.')
+  m = type(m)(m.to_dict() | config.runtime.to_dict())  # dropout rates are runtime fields
   peak, how = flops.peak_flops_per_sec()  # before torch's threads start working
   torch.manual_seed(config.train.seed)
   model = build(m, torch).train()

@@ -17,7 +17,7 @@ _DEPTH = 3
 def main(argv):
   del argv
   config = lm_config.resolve(_CONFIG.value)
-  model = models.get_model(config.model)
+  model = models.get_model(config.model, config.runtime)  # shapes only: no kernels built
   table = models.param_table(model)
   width = max(len(path) for path, _, _ in table)
   groups: dict[str, int] = {}

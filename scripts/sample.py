@@ -1,4 +1,4 @@
-"""Samples from a trained (or imported) run directory: the contract in DESIGN.md.
+"""Samples from a trained (or imported) run directory (CLI contract: docs/architecture.md).
 
   python scripts/sample.py --workdir=DIR --prompt="ROMEO:" [--max_new_tokens=N \
       --temperature=T --top_k=K --top_p=P --seed=S]
@@ -23,14 +23,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   from lm.infer import sampling
-  from lm.models import get_model
-  from lm.train import checkpoint
+  from lm.infer.load import load_run
   try:
-    config, params, tokenizer = checkpoint.load_inference_run(
-        _WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
+    model, params, _, tokenizer = load_run(
+        _WORKDIR.value, step=None if _STEP.value < 0 else _STEP.value)
   except FileNotFoundError as e:
     sys.exit(str(e))
-  model = get_model(config.model)
   for prompt in _PROMPT.value:
     try:
       text = sampling.sample_text(model, params, tokenizer, prompt,

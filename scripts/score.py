@@ -31,19 +31,18 @@ def main(argv):
       ids = [int(x) for x in _IDS.value.replace(' ', '').split(',') if x]
     except ValueError:
       sys.exit(f'--ids must be comma-separated integers, got {_IDS.value!r}.')
-  from lm.convert import scoring
-  from lm.models import get_model
-  from lm.train import checkpoint
+  from lm.eval import scoring
+  from lm.infer.load import load_run
   try:
-    config, params, tokenizer = checkpoint.load_inference_run(
-        _WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
+    model, params, _, tokenizer = load_run(
+        _WORKDIR.value, step=None if _STEP.value < 0 else _STEP.value)
     if _TEXT.value is not None:
       add_bos = _ADD_BOS.value
       add_eos = _ADD_EOS.value
       add_bos = getattr(tokenizer, 'default_add_bos', False) if add_bos is None else add_bos
       add_eos = getattr(tokenizer, 'default_add_eos', False) if add_eos is None else add_eos
       ids = tokenizer.encode(_TEXT.value, add_bos=add_bos, add_eos=add_eos)
-    result = scoring.score(get_model(config.model), params, [ids])[0]
+    result = scoring.score(model, params, [ids])[0]
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(result))

@@ -20,8 +20,10 @@ transformers = pytest.importorskip('transformers')
 torch = pytest.importorskip('torch')
 pytest.importorskip('tokenizers')
 
-from lm.convert import hf, hf_tokenizers, scoring  # noqa: E402
+from lm.convert import hf, hf_tokenizers  # noqa: E402
 from lm.convert import safetensors_io as st  # noqa: E402
+from lm.eval import scoring  # noqa: E402
+from lm.infer.load import load_run  # noqa: E402
 from lm.models import get_model, init_cache  # noqa: E402
 from lm.train import checkpoint  # noqa: E402
 
@@ -125,7 +127,7 @@ def imported(name: str, scan_layers: bool = False):
   """(workdir, config, params, tokenizer) of the lm run converted from hf_dir(name)."""
   workdir = pathlib.Path(TMP.name) / f'lm_{name}{"_scan" if scan_layers else ""}'
   hf.convert_from_hf(hf_dir(name), workdir, scan_layers=scan_layers)
-  config, params, tokenizer = checkpoint.load_inference_run(workdir)
+  _, params, config, tokenizer = load_run(workdir)
   return workdir, config, params, tokenizer
 
 
@@ -233,9 +235,9 @@ def test_round_trip_gives_the_original_tensors(name, tmp_path):
 def test_scanned_layers_import_and_export(tmp_path):
   name = 'llama3_gqa'
   workdir, config, params, _ = imported(name, scan_layers=True)
-  assert config.model.scan_layers and params['layers']['attn']['key']['kernel'].shape[0] == 2
+  assert config.runtime.scan_layers and params['layers']['attn']['key']['kernel'].shape[0] == 2
   ids = token_ids()
-  logits = jit_apply(get_model(config.model))({'params': params}, jnp.asarray(ids))
+  logits = jit_apply(get_model(config.model, config.runtime))({'params': params}, jnp.asarray(ids))
   assert np.abs(np.asarray(logits) - hf_logits(hf_dir(name), ids)).max() <= 1e-4
   hf.export_hf(workdir, tmp_path / 'hf', max_shard_bytes=60_000)  # several shards
   assert len(list((tmp_path / 'hf').glob('model-*.safetensors'))) > 1
@@ -434,24 +436,37 @@ def test_nonzero_param_the_architecture_lacks_blocks_export(tmp_path):
   with torch.no_grad():
     got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out')(
         torch.tensor(ids)).logits.numpy()
-  want = jit_apply(get_model(config.model))({'params': params}, jnp.asarray(ids))
+  want = jit_apply(get_model(config.model, config.runtime))({'params': params},
+                                                            jnp.asarray(ids))
   assert np.abs(got - np.asarray(want)).max() <= 1e-4
 
 
 def test_fine_tune_an_imported_run(tmp_path, data_dir):
-  """train.py on an imported run starts from its params with its model and tokenizer."""
-  import shutil
+  """init_from an imported run starts from its params with its model and tokenizer; the
+  imported directory itself is never trained in."""
   from lm.config import base_config
   from lm.train import trainer
   workdir, config, params, _ = imported('llama3_gqa')
   run = tmp_path / 'ft'
-  shutil.copytree(workdir, run)
-  c = base_config()  # model fields left at defaults: they come from the run directory
+  c = base_config()  # model fields left at defaults: they come from the source run
+  c.init_from = str(workdir)
   c.data.update(dataset='default', data_dir=str(data_dir))
   c.train.update(steps=2, batch_size=2, log_every=1, eval_every=0)
   c.checkpoint.update(async_save=False)
   c.optimizer.update(lr=0.0, min_lr=0.0, warmup_steps=0, weight_decay=0.0)  # lr 0: unchanged
   out = trainer.train(c, run, log=lambda s: None, devices=jax.devices()[:1])
   assert out['step'] == 2 and out['config'].model.to_dict() == config.model.to_dict()
-  _, tuned, _ = checkpoint.load_inference_run(run)
+  _, tuned, _, _ = load_run(run)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), params, tuned)
+  # Straight from the Hugging Face directory: the same weights and model.
+  c.init_from = str(hf_dir('llama3_gqa'))
+  out = trainer.train(c, tmp_path / 'ft_hf', log=lambda s: None, devices=jax.devices()[:1])
+  assert out['config'].model.to_dict() == config.model.to_dict()
+  _, tuned, _, tokenizer = load_run(tmp_path / 'ft_hf')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), params, tuned)
+  assert tokenizer.encode('Hello world') == hf_tokenizers.from_hf_dir(
+      hf_dir('llama3_gqa')).encode('Hello world')
+  # A params-only directory is never silently re-purposed as a training run.
+  c.init_from = ''
+  with pytest.raises(ValueError, match='init_from'):
+    trainer.train(c, workdir, log=lambda s: None, devices=jax.devices()[:1])

@@ -1,4 +1,5 @@
 """The decoder family: masks, GQA, RoPE, KV cache, remat/scan, dtypes, init."""
+import dataclasses
 import functools
 import shutil
 
@@ -8,22 +9,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.config import base_config, gpt2_model, llama_model
+from lm.config import RUNTIME_FIELDS, base_config, gpt2_model, llama_model
 from lm.models import decoder, get_model, init_cache, init_params
 from lm.models.layers import apply_rope, rope_inv_freq
+from lm.ops.backend import Kernels
 
 V = 97
 
 
 @functools.lru_cache(maxsize=None)  # compiling init is the slow part on CPU
-def make(style='gpt2', **overrides):
+def make(style='gpt2', kernels=Kernels(), **overrides):
+  """A tiny model (architecture and runtime fields in overrides) and its params."""
   c = base_config()
   preset = gpt2_model if style == 'gpt2' else llama_model
   c.model.update(preset(vocab_size=V, max_len=32, n_layers=2, d_model=64, n_heads=4))
   if style == 'llama':
     c.model.update(n_kv_heads=2, d_ff=96)
-  c.model.update(overrides)
-  model = get_model(c.model)
+  c.runtime.update({k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
+  c.model.update({k: v for k, v in overrides.items() if k not in RUNTIME_FIELDS})
+  model = get_model(c.model, c.runtime, kernels)
   return model, nn.unbox(init_params(model, jax.random.key(0)))
 
 
@@ -184,7 +188,8 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   from lm.ops import (  # pylint: disable=import-outside-toplevel
       cpu_attention, cpu_kernels, cpu_linear, norms)
   assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
-  monkeypatch.setattr(layers, '_one_device', lambda: True)  # the tests run on 8 devices
+  # What backend.select gives one CPU device (the tests run on 8).
+  on = Kernels(attention='cpu', cpu_ops=True, fused_qkv=True, fused_adamw=True)
   calls = []
   for name in ('attention', 'packed_attention'):  # GPT-2: packed q, k, v; LLaMA: after RoPE
     monkeypatch.setattr(cpu_attention, name,
@@ -196,19 +201,15 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
     monkeypatch.setattr(cpu_linear, name,
                         lambda *a, f=getattr(cpu_linear, name), n=name: calls.append(n) or f(*a))
   kw = dict(head_dim=16, attn_dropout=0.1, resid_dropout=0.1)
-  (xla, params), (cpu, _) = make(style, attention='xla', **kw), make(style, attention='cpu', **kw)
+  (xla, params), (cpu, _) = make(style, **kw), make(style, kernels=on, **kw)
   x, seg = tokens(), jnp.array([[1] * 10 + [2] * 6, [1] * 16])
   def loss(model, p):
     out = model.apply({'params': p}, x, segment_ids_BT=seg, deterministic=False,
                       rngs={'dropout': jax.random.key(5)})
     return jnp.mean(out ** 2), out
   calls.clear()  # init ran the model
-  with monkeypatch.context() as m:  # the reference: no kernel at all
-    m.setattr(norms, 'cpu_supports', lambda x: False)
-    m.setattr(cpu_linear, 'supports', lambda x, w: False)
-    m.setattr(cpu_linear, 'supports_gelu', lambda u: False)
-    (lx, ox), gx = jax.value_and_grad(functools.partial(loss, xla), has_aux=True)(params)
-  assert not calls
+  (lx, ox), gx = jax.value_and_grad(functools.partial(loss, xla), has_aux=True)(params)
+  assert not calls  # the reference (Kernels()): no kernel at all
   (lc, oc), gc = jax.value_and_grad(functools.partial(loss, cpu), has_aux=True)(params)
   want = {'packed_attention', 'linear_gelu'} if style == 'gpt2' else {'attention'}
   assert set(calls) == want | {'cpu_norm', 'cpu_add_norm', 'linear'}, 'a kernel was not used'
@@ -226,16 +227,14 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
 
 
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])  # biases; GQA without biases
-def test_fused_qkv_matches_three_projections(style, monkeypatch):
+def test_fused_qkv_matches_three_projections(style):
   """On one device q, k, v come from one matmul; on a mesh from three: the same function."""
-  from lm.models import layers  # pylint: disable=import-outside-toplevel
-  model, params = make(style, attention='xla')
-  def loss(p):
-    out = model.apply({'params': p}, tokens())
-    return jnp.mean(out ** 2), out
   results = []
-  for one_device in (True, False):
-    monkeypatch.setattr(layers, '_one_device', lambda v=one_device: v)
+  for fused in (True, False):
+    model, params = make(style, kernels=Kernels(fused_qkv=fused))
+    def loss(p, model=model):
+      out = model.apply({'params': p}, tokens())
+      return jnp.mean(out ** 2), out
     results.append(jax.value_and_grad(loss, has_aux=True)(params))
   ((_, fused), g_fused), ((_, three), g_three) = results
   np.testing.assert_allclose(fused, three, atol=1e-5)
@@ -280,3 +279,58 @@ def test_sliding_window_limits_context():
   # Two layers of window 4 see at most 6 tokens back: position 11 is blind to token 0.
   np.testing.assert_allclose(a[:, 11], b[:, 11], atol=1e-6)
   assert np.abs(a[:, 1] - b[:, 1]).max() > 1e-3
+
+
+def _linear_calls(model, params):
+  """(name, weights_only) of every Linear call in one forward pass."""
+  from lm.models.layers import Linear  # pylint: disable=import-outside-toplevel
+  calls = []
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, Linear) and context.method_name == '__call__':
+      calls.append(('/'.join(context.module.path), kwargs.get('weights_only', False)))
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(spy):
+    model.apply({'params': params}, tokens())
+  return calls
+
+
+@pytest.mark.parametrize('style', ['gpt2', 'llama'])
+def test_linear_is_the_only_projection_path_with_adapters(style):
+  """With adapters on, the seam turns the fused q/k/v off: every kernel in the tree is
+  read by exactly one Linear call that does its own matmul (where adapters hook in)."""
+  from lm.ops import backend  # pylint: disable=import-outside-toplevel
+  runtime = base_config().runtime
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  kernels = backend.select(runtime, mesh, adapters=True)
+  assert not kernels.fused_qkv and backend.select(runtime, mesh).fused_qkv
+  model, params = make(style, kernels=kernels)
+  kernels_in_tree = sorted('/'.join(p[:-1]) for p in map(
+      lambda kp: tuple(str(k.key) for k in kp[0]),
+      jax.tree_util.tree_flatten_with_path(params)[0]) if p[-1] == 'kernel')
+  calls = _linear_calls(model, params)
+  assert sorted(name for name, _ in calls) == kernels_in_tree
+  assert not any(weights_only for _, weights_only in calls)
+  # Without adapters on one CPU device q, k, v are read for the fused matmul instead.
+  fused, _ = make(style, kernels=dataclasses.replace(kernels, fused_qkv=True))
+  assert sum(w for _, w in _linear_calls(fused, params)) == 3 * 2  # q, k, v x 2 layers
+
+
+def test_shape_only_tracing_compiles_nothing(monkeypatch):
+  """model_summary's path (jax.eval_shape of the default model) never builds C++ kernels;
+  lm/models and lm/train never look at devices or backends themselves."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from lm import models  # pylint: disable=import-outside-toplevel
+  from lm.ops import cpu_kernels  # pylint: disable=import-outside-toplevel
+  def no_compiler():
+    raise AssertionError('shape-only tracing ran the C++ compiler')
+  monkeypatch.setattr(cpu_kernels, '_compile', no_compiler)
+  monkeypatch.setattr(cpu_kernels, 'available', no_compiler)
+  c = base_config()
+  c.model.update(gpt2_model(vocab_size=V, max_len=64, n_layers=2, d_model=64, n_heads=4))
+  rows = models.param_table(get_model(c.model, c.runtime))
+  assert sum(n for _, _, n in rows) > 0
+  root = pathlib.Path(__file__).resolve().parents[1] / 'lm'
+  for path in [*root.glob('models/*.py'), *root.glob('train/*.py')]:
+    text = path.read_text()
+    for needle in ('device_count()', 'default_backend()', 'cpu_kernels.available'):
+      assert needle not in text, f'{path.name} decides kernels itself ({needle})'

@@ -10,8 +10,8 @@ import pytest
 
 from lm.config import base_config
 from lm.models.layers import contract
-from lm.ops import (activations, attention, cpu_attention, cpu_kernels, cpu_linear, dropout,
-                    norms)
+from lm.ops import (activations, attention, backend, cpu_attention, cpu_kernels, cpu_linear,
+                    dropout, norms)
 from lm.train import optim
 
 # The C++ kernels need a compiler; where there is one, a failed build fails the tests.
@@ -265,8 +265,7 @@ def test_fused_adamw_equals_optax(grad_scale, clip):
   c.update(lr=1e-2, min_lr=1e-3, warmup_steps=2, decay_steps=10, grad_clip=clip)
   schedule = optim.make_schedule(c, 10)
   tx, _ = optim.make_optimizer(c, 10, params)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  fused = jax.jit(optim.fused_update(c, schedule, params, mesh))
+  fused = jax.jit(optim.fused_update(c, schedule, params, backend.Kernels(fused_adamw=True)))
   ref_p, ref_s = params, tx.init(params)
   p, s = params, tx.init(params)
   for _ in range(4):

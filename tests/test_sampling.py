@@ -1,4 +1,7 @@
-"""Sampling: cached greedy equals recomputation; batches, filters, EOS; sample.py."""
+"""Sampling: cached greedy equals recomputation; batches, filters, EOS; loading runs; scripts."""
+import dataclasses
+import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -6,11 +9,18 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lm.config import base_config, gpt2_model, llama_model
+from lm.data import ByteTokenizer
+from lm.eval import scoring
 from lm.infer import sampling
-from lm.models import get_model, init_params
+from lm.infer.load import load_run
+from lm.models import get_model, init_params, param_shapes
+from lm.ops import backend
+from lm.ops.backend import Kernels
+from lm.train import checkpoint, partitioning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,3 +100,72 @@ def test_sample_script_bad_workdir(tmp_path):
                         '--prompt=hi'], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0
   assert 'not an lm run directory' in out.stderr
+
+
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory):
+  """(workdir, params) of a params-only run: a tiny LLaMA over bytes, saved at step 3."""
+  c = base_config()
+  c.model.update(llama_model(vocab_size=260, max_len=32, n_layers=2, d_model=64, n_heads=4))
+  c.model.update(n_kv_heads=2, d_ff=96)
+  c.data.tokenizer = 'bytes'
+  params = nn.unbox(init_params(get_model(c.model), jax.random.key(1)))
+  workdir = tmp_path_factory.mktemp('run')
+  checkpoint.save_inference_run(workdir, params, c, ByteTokenizer(), step=3)
+  return workdir, params
+
+
+def test_load_run_on_one_device_and_on_a_mesh(saved_run):
+  workdir, saved = saved_run
+  model, params, config, tokenizer = load_run(workdir)
+  # The seam's kernels for one device; otherwise the model the config describes.
+  assert model.cfg.kernels == backend.select(config.runtime, partitioning.make_mesh(
+      dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
+  assert dataclasses.replace(model.cfg, kernels=Kernels()) == get_model(config.model).cfg
+  assert config.model.vocab_size == 260
+  assert type(tokenizer) is ByteTokenizer
+  device = jax.devices()[0]
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(saved), strict=True):
+    assert got.sharding.device_set == {device}
+    np.testing.assert_array_equal(got, want)
+
+  mesh = partitioning.make_mesh(dict(data=1, fsdp=2, tensor=4))
+  mesh_model, sharded, _, _ = load_run(workdir, mesh=mesh, step=3)
+  assert not mesh_model.cfg.kernels.cpu_ops  # no C++ kernels on a mesh
+  want = partitioning.logical_shardings(param_shapes(model), mesh)
+  specs = set()
+  for got, saved_leaf, sharding in zip(jax.tree.leaves(sharded), jax.tree.leaves(saved),
+                                       jax.tree.leaves(nn.unbox(want)), strict=True):
+    assert got.sharding.is_equivalent_to(sharding, got.ndim)
+    np.testing.assert_array_equal(got, saved_leaf)
+    specs.add(tuple(got.sharding.spec))
+  assert ('tensor', 'fsdp') in specs  # the embedding: vocab over tensor, embed over fsdp
+  seqs = [[1, 2, 3, 4, 5], [7, 8]]
+  for a, b in zip(scoring.score(mesh_model, sharded, seqs), scoring.score(model, params, seqs)):
+    np.testing.assert_allclose(a['token_logprobs'][1:], b['token_logprobs'][1:], atol=1e-5)
+  with pytest.raises(FileNotFoundError, match='not an lm run directory'):
+    load_run(workdir / 'nothing_here')
+  checkpoint.write_run_files(workdir / 'empty', config, tokenizer)  # no checkpoints
+  with pytest.raises(FileNotFoundError, match='No checkpoint under'):
+    load_run(workdir / 'empty')
+
+
+def test_sample_and_score_scripts_on_a_saved_run(saved_run):
+  workdir, saved = saved_run
+  model = get_model(checkpoint.read_config(workdir).model)
+  env = dict(os.environ, PYTHONIOENCODING='utf-8')
+  out = subprocess.run([sys.executable, 'scripts/sample.py', f'--workdir={workdir}',
+                        '--prompt=ab', '--max_new_tokens=4', '--temperature=0'],
+                       cwd=ROOT, capture_output=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:].decode()
+  want = sampling.sample_text(model, saved, ByteTokenizer(), 'ab', max_new_tokens=4,
+                              temperature=0.0)
+  assert out.stdout.decode() == want + '\n'
+  out = subprocess.run([sys.executable, 'scripts/score.py', f'--workdir={workdir}',
+                        '--ids=97,98,99', '--step=3'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads(out.stdout)
+  want = scoring.score(model, saved, [[97, 98, 99]])[0]
+  assert got['token_ids'] == [97, 98, 99] and got['token_logprobs'][0] is None
+  np.testing.assert_allclose(got['token_logprobs'][1:], want['token_logprobs'][1:], atol=1e-5)

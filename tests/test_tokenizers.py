@@ -165,3 +165,87 @@ def test_train_tokenizer_script(tmp_path):
   assert 'characters per token' in result.stdout
   tok = tk.SentencePieceTokenizer.from_file(out)
   assert tok.vocab_size == 400 and tok.decode(tok.encode(UNICODE)) == UNICODE
+
+
+def _run_python(code):
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def test_tokenizers_import_without_the_pipeline():
+  out = _run_python(
+      'import sys\n'
+      'import lm.data\n'
+      'from lm.data import load_tokenizer\n'
+      'import lm.data.tokenizers\n'
+      "heavy = ('grain', 'tensorflow_datasets', 'lm.data.pipeline', 'lm.data.sources',\n"
+      "         'lm.convert')\n"
+      'print(sorted(m for m in heavy if m in sys.modules))\n'
+      'lm.data.make_train_iter, lm.data.PackedRows, lm.data.sources\n'  # lazy, still there
+      "print('grain' in sys.modules)\n")
+  assert out.split('\n')[:2] == ['[]', 'True']
+
+
+def test_tokenizers_module_never_imports_convert():
+  import ast
+  tree = ast.parse((REPO / 'lm/data/tokenizers.py').read_text())
+  imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+  assert not [m for m in imported if m and m.startswith('lm.convert')]
+
+
+def test_registered_kind_saves_loads_and_builds(tmp_path, monkeypatch):
+  monkeypatch.setattr(tk, '_KINDS', dict(tk._KINDS))
+
+  class Reversed(tk.ByteTokenizer):
+    kind = 'test_reversed'
+
+    def _encode_plain(self, text):
+      return super()._encode_plain(text[::-1])
+
+    def _decode_plain(self, ids):
+      return super()._decode_plain(ids)[::-1]
+
+  tok = Reversed(['<x>'])
+  tok.save(tmp_path / 'rev')
+  with pytest.raises(ValueError, match="Unknown tokenizer kind 'test_reversed'.*known: bytes"):
+    tk.load_tokenizer(tmp_path / 'rev')
+  tk.register_tokenizer('test_reversed', Reversed)
+  back = tk.load_tokenizer(tmp_path / 'rev')
+  assert type(back) is Reversed and back.user_symbols == ('<x>',)
+  assert back.encode('ab<x>') == tok.encode('ab<x>') == [98, 97, 259]
+  config = base_config()
+  config.data.update(tokenizer='test_reversed', tokenizer_path=str(tmp_path / 'rev'))
+  assert type(tk.build_tokenizer(config)) is Reversed
+  # A kind named by module: loading imports the module, which must register it.
+  tk.register_tokenizer('test_unregistered', 'json')
+  with pytest.raises(RuntimeError, match='did not register'):
+    tk.tokenizer_class('test_unregistered')
+  (tmp_path / 'nokind').mkdir()
+  (tmp_path / 'nokind' / tk.JSON_NAME).write_text('{"model": {}}')  # e.g. a HF tokenizer.json
+  with pytest.raises(ValueError, match='names no tokenizer kind'):
+    tk.load_tokenizer(tmp_path / 'nokind')
+
+
+def test_saved_hf_tokenizer_loads_through_lm_data(tmp_path):
+  """lm.data.load_tokenizer imports lm.convert.hf_tokenizers (which registers the kind)."""
+  tokenizers = pytest.importorskip('tokenizers')
+  from lm.convert import hf_tokenizers
+  vocab = {'<s>': 0, '</s>': 1, 'hello': 2, 'world': 3, '[UNK]': 4}
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='[UNK]'))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  (tmp_path / 'hf').mkdir()
+  backend.save(str(tmp_path / 'hf' / 'tokenizer.json'))
+  (tmp_path / 'hf' / 'tokenizer_config.json').write_text(
+      '{"bos_token": "<s>", "eos_token": "</s>"}')
+  tok = hf_tokenizers.from_hf_dir(tmp_path / 'hf')
+  tok.save(tmp_path / 'saved')
+  out = _run_python(
+      'import sys\n'
+      'from lm.data import load_tokenizer\n'
+      "print('lm.convert.hf_tokenizers' in sys.modules)\n"
+      f'tok = load_tokenizer({str(tmp_path / "saved")!r})\n'
+      "print(tok.kind, tok.bos_id, tok.eos_id, tok.encode('hello world', add_bos=True))\n")
+  assert out.splitlines() == ['False', 'hf_tokenizers 0 1 [0, 2, 3]']

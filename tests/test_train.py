@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from lm.config import base_config, check_keys
+from lm.infer.load import load_run
 from lm.train import checkpoint as ckpt_lib
 from lm.train import metrics as metrics_lib
 from lm.train import trainer
@@ -121,7 +122,7 @@ def test_fused_adamw_step_matches_optax():
 def test_onednn_matmuls_match_the_default():
   c = synthetic_config(data=2, fsdp=2, tensor=2)
   ref, p_ref = run_steps(c, jax.devices())
-  c.train.cpu_matmuls = 'onednn'
+  c.runtime.cpu_matmuls = 'onednn'
   setup = trainer.build(c)
   batch = trainer.global_batch(setup, next(synthetic_batches(1)))
   hlo = setup.train_step.lower(setup.abstract_state, batch).compile().as_text()
@@ -129,7 +130,7 @@ def test_onednn_matmuls_match_the_default():
   got, p_got = run_steps(c, jax.devices())
   np.testing.assert_allclose(ref, got, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p_ref, p_got)
-  c.train.cpu_matmuls = 'mkl'
+  c.runtime.cpu_matmuls = 'mkl'
   with pytest.raises(ValueError, match="cpu_matmuls must be 'ynn' or 'onednn'"):
     trainer.build(c)
 
@@ -262,7 +263,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
   assert [x['step'] for x in lines if 'eval/loss' in x] == [4]  # the bad state is not evaluated
   ckpt = ckpt_lib.Checkpointer(tmp_path / 'run', c.checkpoint)
   assert ckpt.latest_step() == 5
-  _, params, _ = ckpt_lib.load_inference_run(tmp_path / 'run')
+  _, params, _, _ = load_run(tmp_path / 'run')
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

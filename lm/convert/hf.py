@@ -29,6 +29,10 @@ import numpy as np
 
 from lm.convert import safetensors_io as st
 from lm.convert.lazy import LazyTensor
+from lm.config import base_config, gpt2_model, llama_model, resolve
+from lm.convert import hf_tokenizers, lazy
+from lm.models import get_model, param_table
+from lm.train import checkpoint
 
 HF_CONFIG = 'hf_config.json'  # the imported config.json, kept in the run for a faithful export
 F32 = np.dtype(np.float32)
@@ -58,7 +62,6 @@ def _dims(m):
 # -- GPT-2 ---------------------------------------------------------------------------------
 
 def _gpt2_to_lm(hf: dict) -> dict:
-  from lm.config import gpt2_model
   _check(hf, 'activation_function', ('gelu_new', 'gelu_pytorch_tanh'), 'gelu_new',
          "lm's GELU is the tanh approximation")
   _check(hf, 'scale_attn_weights', (True,), True, 'attention scores are scaled by 1/sqrt(H)')
@@ -187,7 +190,6 @@ def _rope_to_hf(m: dict) -> dict:
 
 
 def _llama_to_lm(arch: str, hf: dict) -> dict:
-  from lm.config import llama_model
   _check(hf, 'hidden_act', ('silu',), 'silu', 'SwiGLU uses SiLU')
   theta, scaling = _rope_from_hf(hf)
   d, n = hf['hidden_size'], hf['num_attention_heads']
@@ -341,7 +343,6 @@ def infer_architecture(m: dict) -> str:
 
 def model_config(m: dict):
   """A full config.model ConfigDict from plain fields (rope_scaling given as a dict)."""
-  from lm.config import base_config
   mc = base_config().model
   m = dict(m)
   mc.rope_scaling.update(dict(m.pop('rope_scaling', {})))
@@ -351,10 +352,7 @@ def model_config(m: dict):
 
 def lm_shapes(m: dict) -> dict[str, tuple[int, ...]]:
   """Shapes of the unscanned lm params, by '/'-joined path (nothing allocated)."""
-  from lm.models import get_model, param_table
-  mc = model_config(m)
-  mc.scan_layers = False
-  return {name: shape for name, shape, _ in param_table(get_model(mc))}
+  return {name: shape for name, shape, _ in param_table(get_model(model_config(m)))}
 
 
 def hf_shapes(rules: list[Rule], shapes: dict) -> dict[str, tuple[int, ...]]:
@@ -464,8 +462,6 @@ def import_hf(directory, scan_layers: bool = False) -> tuple[dict, dict, dict]:
 
 def convert_from_hf(directory, workdir, scan_layers: bool = False, step: int = 0):
   """Writes an lm run directory (checkpoint, config, tokenizer) from a HF model directory."""
-  from lm.config import base_config, resolve
-  from lm.convert import hf_tokenizers, lazy
   workdir = pathlib.Path(workdir).absolute()
   if (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir()):
     raise ValueError(f'{workdir} already holds checkpoints; import into a new --workdir.')
@@ -477,7 +473,7 @@ def convert_from_hf(directory, workdir, scan_layers: bool = False, step: int = 0
                      'they do not belong together.')
   config = base_config()
   config.model = model_config(m)
-  config.model.scan_layers = scan_layers
+  config.runtime.scan_layers = scan_layers
   # Fine-tuning rebuilds the tokenizer from config.data: point it at this run's copy.
   config.data.tokenizer = tokenizer.kind
   config.data.tokenizer_path = str(workdir / 'tokenizer')
@@ -508,14 +504,12 @@ def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None
               dtype: str = 'float32', max_shard_bytes: int = 5 * 10**9) -> dict:
   """Writes a HF model directory for AutoModelForCausalLM.from_pretrained; returns its config."""
   import ml_dtypes
-  from lm.convert import lazy
-  from lm.train import checkpoint
   workdir, out = pathlib.Path(workdir), pathlib.Path(out_dir)
   if list(out.glob('*.safetensors*')):  # stale shards or index would mix with the new ones
     raise ValueError(f'{out} already holds safetensors files; export into a new directory.')
   config = checkpoint.read_config(workdir)
   m = config.model.to_dict()
-  scan = m['scan_layers']
+  scan = config.runtime.scan_layers
   base = json.loads((workdir / HF_CONFIG).read_text()) if (workdir / HF_CONFIG).exists() else {}
   arch = arch or (architecture(base) if base else infer_architecture(m))
   if arch not in ARCHS:
@@ -588,8 +582,6 @@ def _export_batch(reader, batch, scan: bool, dtype, writer_of) -> None:
 
 def _export_tokenizer(workdir, out, hf: dict) -> None:
   """Saves a HF tokenizer into out; special ids that config.json lacks come from the run's."""
-  from lm.convert import hf_tokenizers
-  from lm.train import checkpoint
   try:
     tokenizer = checkpoint.read_tokenizer(workdir)
   except (FileNotFoundError, ValueError) as e:

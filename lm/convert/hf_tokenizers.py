@@ -9,7 +9,8 @@ lm; `default_add_bos` / `default_add_eos` say what the model's tokenizer config 
 
 `save(directory)` copies the HF files and writes `lm_tokenizer.json` (a manifest with
 the kind and the resolved ids; HF's own `tokenizer.json` keeps its name, so a saved
-directory is also a HF tokenizer directory); `load(directory)` reads it back.
+directory is also a HF tokenizer directory); `load(directory)` reads it back, as does
+lm.data.load_tokenizer: importing this module registers both kinds there.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import shutil
 
 import numpy as np
 
-from lm.data.tokenizers import SentencePieceTokenizer, Tokenizer
+from lm.data.tokenizers import MANIFEST_NAME, register_tokenizer, SentencePieceTokenizer, Tokenizer
 
-MANIFEST = 'lm_tokenizer.json'
+MANIFEST = MANIFEST_NAME  # lm_tokenizer.json: HF's own tokenizer.json keeps its name
 HF_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
             'tokenizer.model', 'added_tokens.json', 'chat_template.jinja', 'chat_template.json',
             'vocab.json', 'merges.txt')
@@ -72,6 +73,13 @@ class _HFFiles:
                     user_symbols=list(self.user_symbols),
                     specials={k: getattr(self, k) for k in SPECIALS})
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+  @classmethod
+  def load(cls, directory):
+    """Restores a tokenizer that `save(directory)` wrote (reads lm_tokenizer.json)."""
+    manifest = _manifest(directory)
+    return cls(directory, specials=manifest['specials'],
+               user_symbols=manifest.get('user_symbols', ()))
 
   def _config(self) -> dict:
     return {k: getattr(self, k) for k in SPECIALS}
@@ -149,6 +157,9 @@ class HFSentencePieceTokenizer(_HFFiles, SentencePieceTokenizer):
 
 
 KINDS = {cls.kind: cls for cls in (HFTokenizer, HFSentencePieceTokenizer)}
+for _cls in KINDS.values():
+  register_tokenizer(_cls.kind, _cls)
+del _cls
 
 
 def from_hf_dir(directory, hf_config: dict | None = None) -> Tokenizer:
@@ -163,14 +174,17 @@ def from_hf_dir(directory, hf_config: dict | None = None) -> Tokenizer:
                           'AutoTokenizer.from_pretrained(...).save_pretrained(DIR).')
 
 
-def load(directory) -> Tokenizer:
-  """Restores a tokenizer that `save(directory)` wrote (reads lm_tokenizer.json)."""
+def _manifest(directory) -> dict:
   d = pathlib.Path(directory)
   if not (d / MANIFEST).exists():
     raise FileNotFoundError(f'No {MANIFEST} in {d}: not a saved Hugging Face tokenizer.')
-  manifest = json.loads((d / MANIFEST).read_text())
-  if manifest['kind'] not in KINDS:
-    raise ValueError(f'Unknown tokenizer kind {manifest["kind"]!r} in {d / MANIFEST}; '
+  return json.loads((d / MANIFEST).read_text())
+
+
+def load(directory) -> Tokenizer:
+  """Restores a tokenizer that `save(directory)` wrote, of either kind."""
+  kind = _manifest(directory)['kind']
+  if kind not in KINDS:
+    raise ValueError(f'Unknown tokenizer kind {kind!r} in {pathlib.Path(directory) / MANIFEST}; '
                      f'known: {", ".join(KINDS)}.')
-  return KINDS[manifest['kind']](d, specials=manifest['specials'],
-                                 user_symbols=manifest.get('user_symbols', ()))
+  return KINDS[kind].load(directory)

@@ -4,7 +4,7 @@ Orbax's own numpy handler copies every array before writing and writes them all 
 once, so saving a tree costs twice its size. A `LazyTensor` leaf instead holds a
 function that makes its array; the handler below calls it when the array is due and
 writes one array at a time, a few chunks per write, in the same format as a numpy
-leaf, so `lm.train.checkpoint.load_inference_run` restores it like any other run.
+leaf, so `lm.infer.load.load_run` restores it like any other run.
 Handing freed memory back to the OS after each array keeps the peak near the
 libraries plus the largest tensor.
 """
@@ -22,6 +22,8 @@ from absl import logging
 import orbax.checkpoint as ocp
 from orbax.checkpoint import future, type_handlers
 import tensorstore as ts
+
+from lm.train import checkpoint
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,7 +93,6 @@ logging.set_verbosity(_verbosity)
 
 def save_run(workdir, lazy_params, config, tokenizer, step: int = 0) -> None:
   """What `save_inference_run` writes, with the params streamed (see the module doc)."""
-  from lm.train import checkpoint
   checkpoint.write_run_files(workdir, config, tokenizer)
   ckpt = checkpoint.Checkpointer(workdir, None)
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), lazy_params,
@@ -106,7 +107,6 @@ class ParamReader:
   """Restores chosen leaves of a run's params as numpy arrays, a few at a time."""
 
   def __init__(self, workdir, step: int | None = None):
-    from lm.train import checkpoint
     self.ckpt = checkpoint.Checkpointer(workdir, None, read_only=True)
     self.step = self.ckpt.latest_step() if step is None else step
     if self.step is None:

@@ -26,6 +26,7 @@ import grain
 import numpy as np
 
 from lm.data import sources
+from lm.data.tokenizers import build_tokenizer
 
 Batch = dict[str, np.ndarray]
 # Hooks for objectives: per document before packing (deterministic), or per
@@ -214,7 +215,6 @@ def make_eval_iter(config, tokenizer, process_index: int | None = None,
 
 def measure_throughput(config, num_batches: int = 200, warmup: int = 10) -> float:
   """Tokens per second (B*T per batch) the training pipeline alone delivers, after warm-up."""
-  from lm.data.tokenizers import build_tokenizer
   tokenizer = build_tokenizer(config)
   it = make_train_iter(config, tokenizer, 0, 1)
   for _ in range(warmup):

@@ -6,10 +6,16 @@ sentinels, [MASK], chat markers), which `encode` matches in the text and which
 get ids after the base vocabulary unless the SentencePiece model has them.
 `save(directory)` writes `tokenizer.json` (the kind and its settings) plus, for
 SentencePiece, `tokenizer.model`; `load_tokenizer(directory)` reads them back.
+
+Kinds are registered by name (`register_tokenizer`): this module's three, and
+kinds defined elsewhere (lm.convert.hf_tokenizers' Hugging Face tokenizers),
+which `_KINDS` names by module so that loading one imports the module that
+registers it, and this module never imports them.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import re
@@ -21,6 +27,9 @@ import numpy as np
 
 JSON_NAME = 'tokenizer.json'
 SPM_NAME = 'tokenizer.model'
+# Where kinds that keep a file named tokenizer.json of their own (Hugging Face's)
+# write their kind and settings instead; load_tokenizer looks here first.
+MANIFEST_NAME = 'lm_tokenizer.json'
 
 
 class Tokenizer:
@@ -123,6 +132,11 @@ class Tokenizer:
                 user_symbols=list(self.user_symbols), **self._config())
     (directory / JSON_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
 
+  @classmethod
+  def load(cls, directory) -> 'Tokenizer':
+    """Restores a tokenizer of this kind from what `save(directory)` wrote."""
+    raise NotImplementedError(f'{cls.__name__} does not implement load.')
+
   def fingerprint(self) -> str:
     """A short hash that changes whenever the id mapping does (keys token caches)."""
     h = hashlib.sha256(json.dumps([self.kind, self.user_symbols, self._config()],
@@ -156,6 +170,10 @@ class ByteTokenizer(Tokenizer):
   def _decode_plain(self, ids):
     # A model can sample an invalid byte sequence: replace rather than raise.
     return bytes(ids).decode('utf-8', errors='replace')
+
+  @classmethod
+  def load(cls, directory):
+    return cls(_read_meta(directory).get('user_symbols', ()))
 
 
 class CharTokenizer(Tokenizer):
@@ -198,6 +216,11 @@ class CharTokenizer(Tokenizer):
 
   def _config(self):
     return dict(chars=self.chars)
+
+  @classmethod
+  def load(cls, directory):
+    meta = _read_meta(directory)
+    return cls(meta['chars'], meta.get('user_symbols', ()))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -256,6 +279,11 @@ class SentencePieceTokenizer(Tokenizer):
     super().save(directory)
     (epath.Path(directory) / SPM_NAME).write_bytes(self.model_proto)
 
+  @classmethod
+  def load(cls, directory):
+    return cls((epath.Path(directory) / SPM_NAME).read_bytes(),
+               _read_meta(directory).get('user_symbols', ()))
+
   def _hash_extra(self, h):
     h.update(self.model_proto)
 
@@ -267,26 +295,65 @@ def _user_defined_pieces(model_proto: bytes) -> list[str]:
   return [p.piece for p in model.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED]
 
 
-def load_tokenizer(directory) -> Tokenizer:
-  """Restores a tokenizer written by `Tokenizer.save(directory)`."""
+# Kind -> its Tokenizer subclass, or the module that registers it when imported.
+_KINDS: dict[str, type[Tokenizer] | str] = {}
+
+
+def register_tokenizer(kind: str, cls: type[Tokenizer] | str) -> None:
+  """Makes `load_tokenizer` (and `data.tokenizer=kind`) restore saved tokenizers of `kind`.
+
+  `cls` has `load(directory)` and instances' `save(directory)`; or it is a module
+  path (a string) whose import registers the class, for kinds this module must
+  not import.
+  """
+  _KINDS[kind] = cls
+
+
+def tokenizer_class(kind: str) -> type[Tokenizer]:
+  """The class registered for `kind`, importing the module that registers it if need be."""
+  entry = _KINDS.get(kind)
+  if isinstance(entry, str):
+    importlib.import_module(entry)  # registers the kind's class
+    entry = _KINDS[kind]
+    if isinstance(entry, str):
+      raise RuntimeError(f'Importing {entry} did not register tokenizer kind {kind!r}.')
+  if entry is None:
+    raise ValueError(f'Unknown tokenizer kind {kind!r}; known: {", ".join(sorted(_KINDS))}.')
+  return entry
+
+
+for _cls in (ByteTokenizer, CharTokenizer, SentencePieceTokenizer):
+  register_tokenizer(_cls.kind, _cls)
+for _kind in ('hf_tokenizers', 'hf_sentencepiece'):  # imported Hugging Face tokenizers
+  register_tokenizer(_kind, 'lm.convert.hf_tokenizers')
+del _cls, _kind
+
+
+def _meta_path(directory) -> epath.Path:
   directory = epath.Path(directory)
-  if (directory / 'lm_tokenizer.json').exists():  # a Hugging Face tokenizer (lm.convert)
-    from lm.convert import hf_tokenizers
-    return hf_tokenizers.load(directory)
-  path = directory / JSON_NAME
-  if not path.exists():
-    raise FileNotFoundError(f'No {JSON_NAME} in {directory}: not a saved tokenizer '
-                            '(Tokenizer.save writes one).')
-  meta = json.loads(path.read_text())
-  symbols = meta.get('user_symbols', ())
-  kind = meta['kind']
-  if kind == 'bytes':
-    return ByteTokenizer(symbols)
-  if kind == 'char':
-    return CharTokenizer(meta['chars'], symbols)
-  if kind == 'sentencepiece':
-    return SentencePieceTokenizer((directory / SPM_NAME).read_bytes(), symbols)
-  raise ValueError(f'Unknown tokenizer kind {kind!r} in {path}.')
+  for name in (MANIFEST_NAME, JSON_NAME):
+    if (directory / name).exists():
+      return directory / name
+  raise FileNotFoundError(f'No {JSON_NAME} in {directory}: not a saved tokenizer '
+                          '(Tokenizer.save writes one).')
+
+
+def _read_meta(directory) -> dict:
+  """The kind and settings that `save(directory)` wrote."""
+  return json.loads(_meta_path(directory).read_text())
+
+
+def load_tokenizer(directory) -> Tokenizer:
+  """Restores a tokenizer written by `Tokenizer.save(directory)`, of any registered kind."""
+  path = _meta_path(directory)
+  kind = json.loads(path.read_text()).get('kind')
+  if kind is None:
+    raise ValueError(f'{path} names no tokenizer kind: Tokenizer.save did not write it (a '
+                     'Hugging Face tokenizer? import the model: scripts/convert_checkpoint.py).')
+  if kind not in _KINDS:
+    raise ValueError(f'Unknown tokenizer kind {kind!r} in {path}; known: '
+                     f'{", ".join(sorted(_KINDS))}.')
+  return tokenizer_class(kind).load(directory)
 
 
 def build_tokenizer(config) -> Tokenizer:
@@ -297,14 +364,14 @@ def build_tokenizer(config) -> Tokenizer:
   `data.tokenizer_path`, or trains `data.vocab_size` pieces on the train split
   once and keeps the model in the dataset's directory.
   """
-  from lm.data import sources  # lazy: sources imports TFDS
   d = config.data
   symbols = tuple(d.get('user_symbols', ()))
   if d.tokenizer == 'bytes':
     return ByteTokenizer(symbols)
-  if d.tokenizer in ('hf_tokenizers', 'hf_sentencepiece'):  # imported Hugging Face runs
-    from lm.convert import hf_tokenizers
-    return hf_tokenizers.load(d.tokenizer_path)
+  if d.tokenizer in _KINDS and d.tokenizer not in ('char', 'sentencepiece'):
+    # Another registered kind (imported Hugging Face runs): saved in data.tokenizer_path.
+    return load_tokenizer(d.tokenizer_path)
+  from lm.data import sources  # lazy: sources imports TFDS
   if d.tokenizer == 'char':
     return CharTokenizer.from_texts(sources.iter_texts(config, split=None), symbols)
   if d.tokenizer == 'sentencepiece':

@@ -1,24 +1,29 @@
 """Model registry: the trainer builds models from `config.model.family`, never by import."""
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lm.models import decoder
+from lm.ops.backend import Kernels
 
 FAMILIES = {
     'decoder': (decoder.DecoderConfig, decoder.Decoder),
 }
 
 
-def get_model(model_config) -> nn.Module:
-  """Builds the Linen module named by model_config.family from the config's fields."""
+def get_model(model_config, runtime=None, kernels: Kernels = Kernels()) -> nn.Module:
+  """Builds the Linen module named by model_config.family from the architecture fields,
+  the runtime fields (config.runtime; None: defaults) and the run's kernel choices
+  (lm/ops/backend.select; the default is pure XLA, which shape-only tracing uses)."""
   family = model_config.get('family', 'decoder')
   if family not in FAMILIES:
     raise ValueError(f'Unknown model.family {family!r}; known: {sorted(FAMILIES)}.')
   config_cls, module_cls = FAMILIES[family]
-  return module_cls(config_cls.from_config(model_config))
+  return module_cls(config_cls.from_config(model_config, runtime, kernels))
 
 
 def init_params(model: nn.Module, rng, seq_len: int | None = None):
@@ -32,6 +37,31 @@ def init_cache(model: nn.Module, batch_size: int, max_len: int):
   tokens = jnp.zeros((batch_size, max_len), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))['cache']
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+_LAYER = re.compile(r'layers_(\d+)')
+
+
+def relayout(tree, scanned: bool):
+  """A params-shaped tree (params, optimizer moments, a whole train state) in the scanned
+  layout ('layers': each leaf stacked over a leading layer axis) or the per-layer one
+  ('layers_0', 'layers_1', ...): runtime.scan_layers may change between runs."""
+  if isinstance(tree, dict):
+    out = {k: relayout(v, scanned) for k, v in tree.items()}
+    numbered = sorted((int(m.group(1)), k) for k in out if (m := _LAYER.fullmatch(k)))
+    if scanned and numbered:
+      parts = [out.pop(k) for _, k in numbered]
+      out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+    elif not scanned and isinstance(out.get('layers'), dict):
+      stacked = out.pop('layers')
+      n = jax.tree.leaves(stacked)[0].shape[0]
+      out.update({f'layers_{i}': jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)})
+    return out
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):  # optax's NamedTuple states
+    return type(tree)(*(relayout(v, scanned) for v in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(relayout(v, scanned) for v in tree)
+  return tree
 
 
 def count_params(params) -> int:

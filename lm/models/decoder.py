@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.ops import dropout as dropout_ops
+from lm.ops.backend import Kernels
 from lm.models.layers import Attention, Linear, Mlp, Norm, constrain, normal_init
 
 Array = jax.Array
@@ -26,7 +27,8 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Fields mirror config.model (lm/config.py), where each is documented."""
+  """Fields mirror config.model (architecture) and config.runtime (lm/config.py), where each
+  is documented, plus the run's kernel choices (lm/ops/backend.py)."""
   vocab_size: int
   max_len: int = 1024
   d_model: int = 768
@@ -44,15 +46,17 @@ class DecoderConfig:
   use_bias: bool = True
   tie_embeddings: bool = True
   sliding_window: int = 0
+  init_std: float = 0.02
+  family: str = 'decoder'
+  # runtime: free to change between runs and on resume
   embed_dropout: float = 0.0
   attn_dropout: float = 0.0
   resid_dropout: float = 0.0
-  init_std: float = 0.02
   dtype: str = 'float32'
+  param_dtype: str = 'float32'
   remat: str = 'none'
   scan_layers: bool = False
-  attention: str = 'auto'
-  family: str = 'decoder'
+  kernels: Kernels = Kernels()
 
   def __post_init__(self):
     if self.vocab_size <= 0:
@@ -87,15 +91,22 @@ class DecoderConfig:
     return jnp.dtype(self.dtype)
 
   @property
+  def param_dtype_(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
   def rope_scaling_dict(self) -> dict[str, Any] | None:
     d = dict(self.rope_scaling)
     return None if d.get('type', 'none') == 'none' else d
 
   @classmethod
-  def from_config(cls, model_config) -> 'DecoderConfig':
+  def from_config(cls, model_config, runtime=None, kernels: Kernels = Kernels()
+                  ) -> 'DecoderConfig':
     fields = dict(model_config)
     scaling = fields.pop('rope_scaling', {}) or {}
-    return cls(**fields, rope_scaling=tuple(sorted(dict(scaling).items())))
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields.update({k: v for k, v in dict(runtime or {}).items() if k in names})
+    return cls(**fields, rope_scaling=tuple(sorted(dict(scaling).items())), kernels=kernels)
 
 
 class Dropout(nn.Module):
@@ -121,7 +132,8 @@ class Block(nn.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     cfg = self.cfg
     resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
-    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
+    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype,
+                             cfg.param_dtype_, cfg.kernels, name=name)
     drop = Dropout(cfg.resid_dropout, self.deterministic)
     h = Attention(cfg, resid_std, self.deterministic, self.decode, name='attn')(
         norm('attn_norm')(x_BTD), positions_BT, segment_ids_BT)
@@ -157,11 +169,11 @@ class Decoder(nn.Module):
       positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
 
     embed = self.param('embed', normal_init(cfg.init_std, ('vocab', 'embed')),
-                       (cfg.vocab_size, cfg.d_model), jnp.float32)
+                       (cfg.vocab_size, cfg.d_model), cfg.param_dtype_)
     x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.compute_dtype)
     if cfg.pos_embedding == 'learned':
       pos_embed = self.param('pos_embed', normal_init(cfg.init_std, ('length', 'embed')),
-                             (cfg.max_len, cfg.d_model), jnp.float32)
+                             (cfg.max_len, cfg.d_model), cfg.param_dtype_)
       x_BTD = x_BTD + jnp.take(pos_embed, positions_BT, axis=0).astype(cfg.compute_dtype)
     x_BTD = Dropout(cfg.embed_dropout, deterministic)(x_BTD)
     x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
@@ -181,7 +193,8 @@ class Decoder(nn.Module):
         x_BTD = block(cfg, deterministic, decode, name=f'layers_{i}')(
             x_BTD, positions_BT, segment_ids_BT)
 
-    x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name='final_norm')(x_BTD)
+    x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, cfg.param_dtype_,
+                 cfg.kernels, name='final_norm')(x_BTD)
     if return_hidden:
       return x_BTD
     if cfg.tie_embeddings:
@@ -189,5 +202,6 @@ class Decoder(nn.Module):
                               preferred_element_type=jnp.float32)
     else:
       logits_BTV = Linear((cfg.vocab_size,), ('embed', 'vocab'), 1, False, cfg.init_std,
-                          cfg.compute_dtype, name='lm_head')(x_BTD).astype(jnp.float32)
+                          cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
+                          name='lm_head')(x_BTD).astype(jnp.float32)
     return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))

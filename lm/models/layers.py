@@ -1,7 +1,10 @@
 """Shared layers: projections, norms, RoPE, attention (MHA/GQA/MQA, masks, KV cache), MLPs.
 
 Every parameter carries logical axis names (resolved onto the mesh by the rules in
-lm/train/partitioning.py); big activations get logical constraints. Dimension letters:
+lm/train/partitioning.py); big activations get logical constraints. Which kernels run
+(C++ on one CPU device, splash on TPU, cuDNN on GPU, XLA) is decided once per run by
+lm/ops/backend.py and arrives here as a `Kernels` value: layers never look at devices.
+Dimension letters:
 B batch, T query time, S key time, D model, N query heads, K kv heads, H head dim,
 F mlp, V vocab.
 """
@@ -15,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lm.ops import accel_attention
 from lm.ops import attention as attention_ops
-from lm.ops import cpu_attention, cpu_kernels, cpu_linear
+from lm.ops import cpu_attention, cpu_linear
+from lm.ops.backend import Kernels
 from lm.ops import activations as activation_ops
 from lm.ops import dropout as dropout_ops
 from lm.ops import norms as norm_ops
@@ -30,35 +35,36 @@ def normal_init(std: float, axes: tuple[str, ...]):
 
 
 def contract(x: Array, w: Array, in_dims: int = 1, bias: Array | None = None,
-             gelu: bool = False) -> Array:
+             gelu: bool = False, cpu: bool = False) -> Array:
   """x's last `in_dims` axes against w's first `in_dims` axes, as one [M, K] @ [K, N] matmul
   (+ bias, then GELU if asked).
 
-  On one CPU device, float32 with K and N multiples of 16 and x within L2, the forward and
-  the weight gradient are C++ kernels (lm/ops/cpu_linear.py: 1.2-2x XLA:CPU's rate at the
+  With cpu (Kernels.cpu_ops: one CPU device), float32 with K and N multiples of 16 and x
+  within L2, the forward and the weight gradient are C++ kernels (lm/ops/cpu_linear.py: 1.2-2x XLA:CPU's rate at the
   small model's shapes, the bias, GELU and bias gradient folded in); dy @ w^T is XLA's.
   Past L2 the matmuls are XLA's and only GELU's backward is C++.
   """
   k = math.prod(w.shape[:in_dims])
   x_MK, w_KN = x.reshape(-1, k), w.reshape(k, -1)
   bias_N = None if bias is None else bias.reshape(-1)
-  if _cpu_kernels(cpu_linear.supports(x_MK, w_KN)):
+  if cpu and cpu_linear.supports(x_MK, w_KN):
     y_MN = (cpu_linear.linear_gelu if gelu else cpu_linear.linear)(x_MK, w_KN, bias_N)
   else:
     y_MN = x_MK @ w_KN
     if bias_N is not None:
       y_MN = y_MN + bias_N.astype(y_MN.dtype)
     if gelu:
-      cpu_gelu = _cpu_kernels(cpu_linear.supports_gelu(y_MN))
+      cpu_gelu = cpu and cpu_linear.supports_gelu(y_MN)
       y_MN = (cpu_linear.gelu if cpu_gelu else activation_ops.gelu_tanh)(y_MN)
   return y_MN.reshape(x.shape[:x.ndim - in_dims] + w.shape[in_dims:])
 
 
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias), contracting the last `in_dims` axes of x.
+  """y = act(x @ kernel (+ bias)), contracting the last `in_dims` axes of x.
 
-  The one place every projection goes through, so adapters (LoRA deltas) and
-  quantized kernels can be switched on here later.
+  The one path every projection goes through, so adapters (LoRA deltas) and quantized
+  kernels hook in here. The only bypass is `fused_projections` (several projections as
+  one matmul), which the kernel seam switches off when adapters are on.
   """
   features: tuple[int, ...]
   axes: tuple[str, ...]  # logical names of the kernel's axes (inputs then outputs)
@@ -66,22 +72,45 @@ class Linear(nn.Module):
   use_bias: bool = False
   init_std: float = 0.02
   dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  activation: str = 'none'  # none | gelu (GELU fused into the matmul where a kernel can)
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x: Array, weights_only: bool = False):
-    """x @ kernel (+ bias); with weights_only, (kernel, bias or None) for x's shape."""
+    """act(x @ kernel (+ bias)); with weights_only, (kernel, bias or None) for x's shape."""
     in_shape = x.shape[x.ndim - self.in_dims:]
     kernel = self.param('kernel', normal_init(self.init_std, self.axes),
-                        in_shape + tuple(self.features), jnp.float32)
+                        in_shape + tuple(self.features), self.param_dtype)
     bias = None
     if self.use_bias:
       bias = self.param(
           'bias', nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
-          tuple(self.features), jnp.float32)
+          tuple(self.features), self.param_dtype)
     if weights_only:
       return kernel, bias
+    if self.activation not in ('none', 'gelu'):
+      raise ValueError(f"Linear.activation must be 'none' or 'gelu', got {self.activation!r}")
     return contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims,
-                    None if bias is None else bias.astype(self.dtype))
+                    None if bias is None else bias.astype(self.dtype),
+                    gelu=self.activation == 'gelu', cpu=self.kernels.cpu_ops)
+
+
+def fused_projections(x_BTD: Array, linears: list[Linear], dtype, cpu: bool):
+  """x against several Linears' kernels side by side, as one matmul: ([B, T, E], bias [E]
+  or None) with E the sum of their outputs.
+
+  Fewer, larger matmuls (-4% step time on shakespeare_char, 2 CPU cores). Only where
+  Kernels.fused_qkv holds (one CPU device, no adapters): sharded over heads the
+  concatenation would gather the kernels, and adapters need each projection's own path.
+  Biases are left to the caller (the packed attention kernel adds them as it reads).
+  """
+  ws = [linear(x_BTD, weights_only=True) for linear in linears]
+  d = x_BTD.shape[-1]
+  w_DE = jnp.concatenate([w.reshape(d, -1) for w, _ in ws], axis=-1)
+  bias_E = (None if ws[0][1] is None else
+            jnp.concatenate([bias.reshape(-1) for _, bias in ws]).astype(dtype))
+  return contract(x_BTD.astype(dtype), w_DE.astype(dtype), cpu=cpu), bias_E
 
 
 class Norm(nn.Module):
@@ -90,6 +119,8 @@ class Norm(nn.Module):
   eps: float = 1e-5
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x: Array, residual: Array | None = None):
@@ -97,16 +128,18 @@ class Norm(nn.Module):
     C++ pass each way, the add folded into the norm's)."""
     d = x.shape[-1]
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                       (d,), jnp.float32)
+                       (d,), self.param_dtype)
     if self.kind not in ('layernorm', 'rmsnorm'):
       raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
     bias = None
     if self.kind == 'layernorm' and self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
-                        (d,), jnp.float32)
+                        (d,), self.param_dtype)
     # A hand-written VJP (lm/ops/norms.py): XLA's CPU autodiff of the norm is ~2x slower;
     # on one CPU device the C++ kernels are 4-5x faster again (no sharding rule: one device).
-    cpu = _cpu_kernels(norm_ops.cpu_supports(x))
+    scale = scale.astype(jnp.float32)
+    bias = None if bias is None else bias.astype(jnp.float32)
+    cpu = self.kernels.cpu_ops and norm_ops.cpu_supports(x)
     centered = self.kind == 'layernorm'
     if residual is not None:
       add_norm = norm_ops.cpu_add_norm if cpu and residual.dtype == x.dtype else norm_ops.add_norm
@@ -158,58 +191,49 @@ def attention_mask(q_pos_BT: Array, k_pos_BS: Array, q_seg_BT: Array, k_seg_BS: 
   return mask[:, None]
 
 
-def _one_device() -> bool:
-  return jax.device_count() == 1
-
-
-def _cpu_kernels(supported: bool) -> bool:
-  """Whether to use a C++ kernel (lm/ops/cpu_*.cc) that takes these operands (`supported`):
-  on one CPU device (they have no sharding rule) once they are built."""
-  return (supported and jax.default_backend() == 'cpu' and _one_device()
-          and cpu_kernels.available())
-
-
 def _kernel_seed(rng) -> Array:
   """The C++ attention kernel's dropout seed: hashed from rng, zeros when dropout is off."""
   return jnp.zeros((2,), jnp.uint32) if rng is None else dropout_ops.seed_from_key(rng)
 
 
-def _attention_impl(implementation: str, dtype) -> str:
-  """model.attention with 'auto' resolved for this backend and dtype."""
-  if implementation not in ('xla', 'cudnn', 'cpu', 'auto'):
-    raise ValueError(
-        f"model.attention must be 'xla', 'cudnn', 'cpu' or 'auto', got {implementation!r}")
-  if implementation != 'auto':
-    return implementation
-  backend = jax.default_backend()
-  return ('cudnn' if backend == 'gpu' and dtype == jnp.bfloat16 else
-          'cpu' if backend == 'cpu' else 'xla')
-
-
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, is_causal: bool,
-                          implementation: str, dropout_rate: float = 0.0,
-                          dropout_rng=None, segment_ids_BT=None) -> Array:
+                          kernels: Kernels = Kernels(), dropout_rate: float = 0.0,
+                          dropout_rng=None, segment_ids_BT=None, sliding_window: int = 0,
+                          lean: bool = False) -> Array:
   """softmax(q k / sqrt(H), masked) v; GQA/MQA native (K divides N).
 
-  'xla' is lm/ops/attention.py (a hand-written VJP, hashed dropout, causal query blocks
-  that skip the masked upper triangle); 'cudnn' is flash attention through
-  jax.nn.dot_product_attention (no dropout there: with attention dropout it falls back
-  to 'xla'); 'cpu' is the fused C++ kernel of lm/ops/cpu_attention.py, for float32
-  self-attention on one CPU device whose mask is causal + same segment_ids_BT (else, or
-  without a C++ compiler, it falls back to 'xla': the kernel has no sharding rule);
-  'auto' picks cuDNN on a GPU with 16-bit inputs and 'cpu' on a CPU. is_causal: keys
-  after each query are masked too (they may also be masked in mask_B1TS).
+  By kernels.attention (resolved once per run in lm/ops/backend.py), each falling back to
+  'xla' where its kernel does not apply:
+  - 'splash': TPU Pallas splash attention (lm/ops/accel_attention.py) for self-attention
+    whose mask is causal + same segment_ids_BT (+ sliding_window); no dropout.
+  - 'cudnn': cuDNN flash attention through jax.nn.dot_product_attention; no dropout.
+  - 'cpu': the fused C++ kernel (lm/ops/cpu_attention.py), float32, causal + segments.
+  - 'xla': lm/ops/attention.py (a hand-written VJP that saves the probabilities, hashed
+    dropout, causal blocks that skip the upper triangle); with `lean` (accelerators
+    under remat) the probabilities are recomputed in the backward pass instead.
+  segment_ids_BT: given when mask_B1TS is exactly causal + same segment (+ the window),
+  so kernels that build their own mask may replace it. is_causal: keys after each query
+  are masked too (they may also be masked in mask_B1TS).
   """
-  impl = _attention_impl(implementation, q_BTNH.dtype)
+  impl = kernels.attention
   use_dropout = dropout_rate > 0.0 and dropout_rng is not None
-  if impl == 'cudnn' and not use_dropout:
+  self_attention = segment_ids_BT is not None and is_causal
+  if impl == 'splash' and self_attention and not use_dropout and accel_attention.splash_supports(
+      q_BTNH, k_BSKH, kernels.mesh):
+    return accel_attention.splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT,
+                                            causal=True, sliding_window=sliding_window,
+                                            mesh=kernels.mesh)
+  if impl == 'cudnn' and not use_dropout and accel_attention.cudnn_supported(
+      q_BTNH, k_BSKH, v_BSKH, causal=is_causal, backend=kernels.platform):
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS,
                                         is_causal=is_causal, implementation='cudnn')
   seed = _kernel_seed(dropout_rng if use_dropout else None)
   rate = dropout_rate if use_dropout else 0.0
-  if (impl == 'cpu' and segment_ids_BT is not None and is_causal
-      and _cpu_kernels(cpu_attention.supports(q_BTNH, k_BSKH))):
+  if (impl == 'cpu' and self_attention and not sliding_window
+      and cpu_attention.supports(q_BTNH, k_BSKH)):
     return cpu_attention.attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, seed, True, rate)
+  if lean and not use_dropout:
+    return accel_attention.lean_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, causal=is_causal)
   return attention_ops.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS,
                                  seed if use_dropout else None, is_causal, rate)
 
@@ -227,25 +251,17 @@ class Attention(nn.Module):
     dtype = cfg.compute_dtype
     b, t = x_BTD.shape[:2]
     seg_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
-    proj = lambda n, axes, name: Linear((n, cfg.head_dim_), ('embed',) + axes, 1, cfg.use_bias,
-                                        cfg.init_std, dtype, name=name)
+    kernels = cfg.kernels
     heads = ((cfg.n_heads, ('heads', 'head_dim'), 'query'),
              (cfg.kv_heads, ('kv_heads', 'head_dim'), 'key'),
              (cfg.kv_heads, ('kv_heads', 'head_dim'), 'value'))
-    if _one_device():
-      # One matmul against the three kernels side by side: fewer, larger matmuls (-4% step
-      # time on shakespeare_char, 2 CPU cores). Sharded over heads, the concatenation
-      # would gather the kernels, so a mesh keeps three.
-      ws = [proj(n, axes, name)(x_BTD, weights_only=True) for n, axes, name in heads]
-      d = x_BTD.shape[-1]
-      y_BTE = contract(x_BTD.astype(dtype), jnp.concatenate(  # E = (N + 2K) H
-          [w.reshape(d, -1) for w, _ in ws], axis=-1).astype(dtype))
-      bias_E = (jnp.concatenate([bias.reshape(-1) for _, bias in ws]).astype(dtype)
-                if cfg.use_bias else None)
+    projs = [Linear((n, cfg.head_dim_), ('embed',) + axes, 1, cfg.use_bias, cfg.init_std, dtype,
+                    cfg.param_dtype_, kernels=kernels, name=name) for n, axes, name in heads]
+    if kernels.fused_qkv:  # E = (N + 2K) H
+      y_BTE, bias_E = fused_projections(x_BTD, projs, dtype, kernels.cpu_ops)
       if (not self.decode and cfg.pos_embedding != 'rope' and not cfg.sliding_window
-          and _attention_impl(cfg.attention, dtype) == 'cpu'
-          and cpu_attention.supports_packed(y_BTE, cfg.n_heads, cfg.kv_heads)
-          and cpu_kernels.available()):
+          and kernels.attention == 'cpu'
+          and cpu_attention.supports_packed(y_BTE, cfg.n_heads, cfg.kv_heads)):
         # The C++ kernel reads q, k, v where the projection wrote them, adds their bias as
         # it reads, and writes their gradient the same way: no split or bias pass here, no
         # concatenation in the backward.
@@ -261,14 +277,14 @@ class Attention(nn.Module):
           part.reshape(part.shape[:-1] + (n, cfg.head_dim_))
           for part, (n, _, _) in zip(jnp.split(y_BTE, splits, axis=-1), heads))
     else:
-      q_BTNH, k_BTKH, v_BTKH = (proj(n, axes, name)(x_BTD) for n, axes, name in heads)
+      q_BTNH, k_BTKH, v_BTKH = (proj(x_BTD) for proj in projs)
     q_BTNH = constrain(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
     if cfg.pos_embedding == 'rope':
       inv_freq = rope_inv_freq(cfg.head_dim_, cfg.rope_theta, cfg.rope_scaling_dict)
       q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
       k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
-    kernel_seg_BT = None  # segment ids for the CPU kernel, when its mask is the whole mask
+    kernel_seg_BT = None  # segment ids, when causal + same segment (+ window) is the whole mask
     if self.decode:
       k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)
       is_causal = False
@@ -280,14 +296,14 @@ class Attention(nn.Module):
         idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask_B1TS = attention_mask(idx_BT, idx_BT, seg_BT, seg_BT, cfg.sliding_window)
         is_causal = True  # already in the mask; lets attention skip the upper triangle
-      if not cfg.sliding_window:
-        kernel_seg_BT = seg_BT
+      kernel_seg_BT = seg_BT
 
     rng = self._dropout_rng()
     out_BTNH = dot_product_attention(
         q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask_B1TS, is_causal=is_causal,
-        implementation=cfg.attention, dropout_rate=cfg.attn_dropout if rng is not None else 0.0,
-        dropout_rng=rng, segment_ids_BT=kernel_seg_BT)
+        kernels=cfg.kernels, dropout_rate=cfg.attn_dropout if rng is not None else 0.0,
+        dropout_rng=rng, segment_ids_BT=kernel_seg_BT, sliding_window=cfg.sliding_window,
+        lean=cfg.kernels.platform != 'cpu' and cfg.remat != 'none')
     return self._out(out_BTNH)
 
   def _dropout_rng(self):
@@ -300,7 +316,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     out_BTNH = constrain(out_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
     return Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), 2, cfg.use_bias,
-                  self.resid_std, cfg.compute_dtype, name='out')(out_BTNH)
+                  self.resid_std, cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
+                  name='out')(out_BTNH)
 
   def _update_cache(self, k_BTKH, v_BTKH, seg_BT):
     """Writes T new keys/values at cache_index; returns the whole cache and its mask.
@@ -339,18 +356,15 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     cfg = self.cfg
-    dense = lambda f, axes, std, name: Linear((f,), axes, 1, cfg.use_bias, std,
-                                              cfg.compute_dtype, name=name)
+    dense = lambda f, axes, std, name, act='none': Linear(
+        (f,), axes, 1, cfg.use_bias, std, cfg.compute_dtype, cfg.param_dtype_, act,
+        cfg.kernels, name=name)
     if cfg.mlp == 'swiglu':
       gate_BTF = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi_0')(x_BTD)
       up_BTF = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi_1')(x_BTD)
       h_BTF = jax.nn.silu(gate_BTF) * up_BTF
-    elif cfg.mlp == 'gelu':
-      kernel, bias = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi')(
-          x_BTD, weights_only=True)
-      dtype = cfg.compute_dtype
-      h_BTF = contract(x_BTD.astype(dtype), kernel.astype(dtype), 1,
-                       None if bias is None else bias.astype(dtype), gelu=True)
+    elif cfg.mlp == 'gelu':  # GELU inside the projection: one C++ pass where it can
+      h_BTF = dense(cfg.d_ff_, ('embed', 'mlp'), cfg.init_std, 'wi', 'gelu')(x_BTD)
     else:
       raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
     h_BTF = constrain(h_BTF, ('batch', 'length', 'act_mlp'))

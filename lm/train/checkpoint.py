@@ -19,6 +19,9 @@ import ml_collections as mlc
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from lm.config import RUNTIME_FIELDS, base_config
+from lm.data import load_tokenizer
+
 CONFIG_FILE = 'config.json'
 TOKENIZER_DIR = 'tokenizer'
 
@@ -27,10 +30,27 @@ def config_to_json(config: mlc.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
+def _migrate(saved: dict) -> dict:
+  """Moves fields of configs saved before the model/runtime/task split to their place."""
+  model, train = saved.get('model', {}), saved.get('train', {})
+  runtime = saved.setdefault('runtime', {})
+  for k in RUNTIME_FIELDS:
+    if k in model:
+      runtime.setdefault(k, model.pop(k))
+  if 'cpu_matmuls' in train:
+    runtime.setdefault('cpu_matmuls', train.pop('cpu_matmuls'))
+  task = saved.setdefault('task', {})
+  if 'objective' in train:
+    task.setdefault('name', train.pop('objective'))
+  if 'z_loss' in train:
+    task.setdefault('z_loss', train.pop('z_loss'))
+  return saved
+
+
 def config_from_json(text: str) -> mlc.ConfigDict:
   """Rebuilds a locked config on the schema, so old runs pick up new default fields."""
-  from lm.config import base_config  # lazy: avoid an import cycle
-  config = base_config()
+  saved = _migrate(json.loads(text))
+  config = base_config(saved.get('model', {}).get('family', 'decoder'))
   def merge(dst, src):
     for k, v in src.items():
       if isinstance(v, dict) and k in dst and isinstance(dst[k], mlc.ConfigDict):
@@ -38,7 +58,7 @@ def config_from_json(text: str) -> mlc.ConfigDict:
       elif k in dst:
         dst[k] = type(dst[k])(v) if isinstance(dst[k], (int, float)) and not isinstance(
             dst[k], bool) and v is not None else v
-  merge(config, json.loads(text))
+  merge(config, saved)
   return config
 
 
@@ -65,7 +85,6 @@ def read_config(workdir) -> mlc.ConfigDict:
 
 
 def read_tokenizer(workdir):
-  from lm.data import load_tokenizer  # lazy: lm.data imports heavy libraries
   return load_tokenizer(pathlib.Path(workdir) / TOKENIZER_DIR)
 
 
@@ -136,23 +155,3 @@ def save_inference_run(workdir, params, config, tokenizer, step: int = 0) -> Non
   ckpt = Checkpointer(workdir, None)
   ckpt.save_params(step, params, config)
   ckpt.close()
-
-
-def load_inference_run(workdir, step: int | None = None):
-  """(config, params, tokenizer) from a run directory; params on the default device."""
-  from lm import models
-  import flax.linen as nn
-  config = read_config(workdir)
-  tokenizer = read_tokenizer(workdir)
-  ckpt = Checkpointer(workdir, None, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint under {ckpt.directory}: train first (scripts/'
-                            'train.py) or import one (scripts/convert_checkpoint.py).')
-  model = models.get_model(config.model)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          nn.unbox(models.param_shapes(model)))
-  params = ckpt.restore_params(step, abstract)
-  ckpt.close()
-  return config, params, tokenizer

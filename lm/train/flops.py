@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lm import models
+from lm.ops import backend
 
 # Dense bf16 matmul peaks from the spec sheets, in FLOP/s per device.
 SPEC_PEAK_FLOPS = {
@@ -41,15 +42,13 @@ def flops_per_token(model, seq_len: int | None = None) -> float:
 
 
 def speed_report(tokens_per_sec: float, flops_per_token: float, peak: float) -> dict:
-  """The last line of scripts/benchmark*.py (the benchmark contract in DESIGN.md)."""
+  """The last line of scripts/benchmark*.py (the benchmark contract in docs/architecture.md)."""
   return {'tokens_per_sec': tokens_per_sec, 'model_flops_per_token': flops_per_token,
           'model_flops_per_sec': tokens_per_sec * flops_per_token, 'peak_flops_per_sec': peak,
           'mfu': tokens_per_sec * flops_per_token / peak}
 
 
-# XLA:CPU options that send every dot to oneDNN instead of YNNPACK (train.cpu_matmuls).
-ONEDNN_OPTIONS = {'xla_cpu_use_onednn': True,
-                  'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+ONEDNN_OPTIONS = backend.ONEDNN_OPTIONS  # runtime.cpu_matmuls='onednn'
 
 # XLA:CPU hands a oneDNN thunk's runtime back to its pool in a callback that can run after
 # the result is ready; freeing the executable inside that window aborts the process
@@ -96,7 +95,7 @@ def peak_flops_per_sec(device=None) -> tuple[float, str]:
         return peak, f'spec sheet ({name})'
     return measure_matmul_peak(8192, dtype=jnp.bfloat16), f'timed bf16 matmul ({kind})'
   # The faster of XLA:CPU's two matmul libraries (oneDNN's is ~10% above YNNPACK's here):
-  # a config may run its step on either (train.cpu_matmuls), so MFU is against the best.
+  # a config may run its step on either (runtime.cpu_matmuls), so MFU is against the best.
   try:
     onednn = measure_matmul_peak(onednn=True)
   except Exception:  # pylint: disable=broad-except  (a jaxlib built without the option)

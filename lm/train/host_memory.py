@@ -1,23 +1,20 @@
 """Make glibc keep freed memory for the next train step (CPU backend only).
 
-XLA:CPU allocates all of an executable's temporaries as one buffer per run: 0.66 GB for
-shakespeare_char_gpu at batch 16, 28 MB for shakespeare_char (`temp_size_in_bytes` of the
-compiled step). glibc serves a block that large with a fresh mmap from the calling
-thread's arena and unmaps it on free, so each step faults every page back in and the
-kernel zeroes it: ~180k page faults per step on the larger model, 1.31 s a step against
-1.10-1.15 s here (2026-12-02). With one arena, no mmap and no trimming, the block stays in
-the heap and is reused. The cost is memory: the heap keeps more than one copy of the
-block, since two steps can be in flight and allocations made between steps split a freed
-copy's space so that the next block no longer fits in it. On the larger model (mallinfo2,
-2026-12-02) the heap held 0.26 GB of longer-lived data plus two to five copies of the
-block after its first 5-15 steps, then stayed put: peak RSS 1.84-3.77 GB against 1.29 GB
-with glibc's defaults; more with oneDNN matmuls, whose own allocations fragment the kept
-heap (README). Allocations of other sizes than a step's, as evaluation and checkpointing
-make, split freed copies too, and the heap keeps adding copies over a run: 2.65 -> 3.33
--> 3.97 GB over 600 steps of the larger model with an eval and a save every 50 steps.
-So the train loop hands the heap's free pages back after those (`release_free_memory`):
-over those 600 steps resident memory then fell to 1.0-1.7 GB after each and peaked at
-3.59 GB, and 200 such steps took the same wall time (259.6 s against 259.8 s).
+XLA:CPU allocates all of an executable's temporaries as one buffer per run (the compiled
+step's `temp_size_in_bytes`: 0.66 GB for configs/shakespeare_char_gpu.py at batch 16).
+glibc serves a block that large with a fresh mmap from the calling thread's arena and
+unmaps it on free, so each step faults every page back in and the kernel zeroes it (about
+15% of that config's step time on 2 CPU cores). With one arena, no mmap and no trimming
+(`keep_freed_memory`), the block stays in the heap and is reused.
+
+The cost is memory: the heap keeps more than one copy of the block, since two steps can
+be in flight and allocations made between steps split a freed copy's space so that the
+next block no longer fits in it; after the first few steps the count holds. Allocations
+of other sizes than a step's, as evaluation and checkpointing make, split freed copies
+too, so over a run the heap would keep adding copies: the train loop hands the heap's
+free pages back after each evaluation and checkpoint (`release_free_memory`), at no cost
+in wall time. Measurements: docs/performance.md ("Host memory").
+
 LM_SYSTEM_MALLOC=1 turns it off.
 Must run before JAX starts its threads.
 """

@@ -1,4 +1,5 @@
-"""metrics.jsonl (the contract in DESIGN.md), TensorBoard events, progress bar, loss plot."""
+"""metrics.jsonl (the contract in docs/architecture.md), TensorBoard events, progress bar,
+loss plot."""
 from __future__ import annotations
 
 import json

@@ -21,52 +21,66 @@ import numpy as np
 import optax
 
 from lm import config as lm_config
+from lm import data as lm_data
+from lm.convert import hf, hf_tokenizers
 from lm import models
 from lm.train import checkpoint as ckpt_lib
 from lm.train import flops as flops_lib
 from lm.train import host_memory
 from lm.train import metrics as metrics_lib
-from lm.train import objectives, optim, partitioning
-
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
-
+from lm.ops import backend
+from lm.train import optim, partitioning, tasks
 
 @dataclasses.dataclass
 class Setup:
   """Everything derived from a resolved config, before any state exists."""
   config: Any
   mesh: jax.sharding.Mesh
+  kernels: backend.Kernels  # the run's backend choices (lm/ops/backend.py)
   model: nn.Module
+  task: tasks.Task
   tx: optax.GradientTransformation
   schedule: Callable
   state_shardings: Any
   abstract_state: Any  # ShapeDtypeStructs carrying the shardings
   batch_sharding: jax.sharding.NamedSharding
   init_state: Callable  # rng -> state (jitted, sharded)
+  init_extra: Callable  # params -> the task's extra state (jitted, sharded)
   train_step: Callable  # (state, batch) -> (state, metrics) (jitted, donated; see 'finite')
   # (state, batches with a leading axis of K) -> (state, metrics [K]): K train steps in one
   # call (None when train.steps_per_call is 1).
   train_steps: Callable | None
-  eval_step: Callable  # (params, batch) -> (loss_sum, weight_sum)
+  eval_step: Callable  # (params, extra, batch) -> the task's eval stats (sums)
+
+  @property
+  def batch_keys(self) -> tuple[str, ...]:
+    return tuple(self.task.batch_spec())
 
 
-def _needs_dropout(model_config) -> bool:
-  return any(model_config[k] > 0 for k in ('embed_dropout', 'attn_dropout', 'resid_dropout'))
+def needs_dropout(runtime) -> bool:
+  return any(runtime[k] > 0 for k in runtime if k.endswith('dropout'))
 
 
 def build(config, devices=None) -> Setup:
-  """Mesh, model, optimizer, shardings and the jitted steps for a resolved config."""
+  """Mesh, kernels, model, task, optimizer, shardings and the jitted steps for a resolved
+  config. devices: those of the mesh (default: all; a TPU topology's for AOT compiles)."""
   mesh = partitioning.make_mesh(config.mesh, devices)
-  model = models.get_model(config.model)
+  kernels = backend.select(config.runtime, mesh)
+  model = models.get_model(config.model, config.runtime, kernels)
+  task = tasks.get_task(config)
   seq_len = config.model.max_len
   boxed_params = models.param_shapes(model)
   tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.unbox(boxed_params))
-  fused_update = optim.fused_update(config.optimizer, schedule, nn.unbox(boxed_params), mesh)
+  fused_update = optim.fused_update(config.optimizer, schedule, nn.unbox(boxed_params), kernels)
 
   def init_boxed(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
-    return dict(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                rng=jax.random.PRNGKey(0))  # replaced in init_state
+    state = dict(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                 rng=jax.random.PRNGKey(0))  # replaced in init_state
+    extra = task.init_extra(params)
+    if extra:  # only tasks with extra state have the key (older checkpoints lack it)
+      state['extra'] = extra
+    return state
 
   with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
     boxed_state = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -76,6 +90,7 @@ def build(config, devices=None) -> Setup:
       nn.unbox(boxed_state), state_shardings)
   data_sharding = partitioning.batch_sharding(mesh)
   repl = partitioning.replicated(mesh)
+  has_extra = 'extra' in abstract_state
 
   @functools.partial(jax.jit, out_shardings=state_shardings)
   def init_state(rng):
@@ -85,34 +100,36 @@ def build(config, devices=None) -> Setup:
     state['rng'] = state_rng
     return state
 
-  objective = objectives.get_objective(config.train.objective)
-  deterministic = not _needs_dropout(config.model)
-  micro = config.train.microbatches
-  z_loss = config.train.z_loss
+  @functools.partial(jax.jit, out_shardings=state_shardings.get('extra'))
+  def init_extra(params):  # for params that come from elsewhere (init_from)
+    return task.init_extra(params) if has_extra else None
 
-  def loss_fn(params, batch, rng):
-    s, w, aux = objective(model, params, batch, rng=rng, deterministic=deterministic,
-                          z_loss=z_loss)
+  deterministic = not needs_dropout(config.runtime)
+  micro = config.train.microbatches
+
+  def loss_fn(params, extra, batch, rng):
+    s, w, aux = task.loss(model, params, extra, batch, rng, deterministic)
     return s, (w, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
-    params = state['params']
+    params, extra = state['params'], state.get('extra')
     with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
       if micro == 1:
-        (loss_sum, (weight_sum, aux)), grads = grad_fn(params, batch, rng)
+        (loss_sum, (weight_sum, aux)), grads = grad_fn(params, extra, batch, rng)
       else:  # accumulate sums over microbatches: exactly the big batch's mean
         split = jax.tree.map(lambda x: x.reshape((micro, -1) + x.shape[1:]), batch)
         def body(carry, mb_and_i):
           mb, i = mb_and_i
-          (s, (w, aux)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
-          acc = jax.tree.map(jnp.add, carry, (s, w, aux, g))
-          return acc, None
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        aux0 = {'z_loss': jnp.zeros(())} if z_loss else {}
-        init = (jnp.zeros(()), jnp.zeros(()), aux0, zeros)
+          (s, (w, aux)), g = grad_fn(params, extra, mb, jax.random.fold_in(rng, i))
+          return jax.tree.map(jnp.add, carry, (s, w, aux, g)), None
+        first = jax.tree.map(lambda x: x[0], split)
+        shapes = jax.eval_shape(grad_fn, params, extra, first, rng)
+        (_, (_, aux_shapes)), _ = shapes
+        init = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, aux_shapes),
+                jax.tree.map(jnp.zeros_like, params))
         (loss_sum, weight_sum, aux, grads), _ = jax.lax.scan(body, init, (split, jnp.arange(micro)))
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -128,72 +145,52 @@ def build(config, devices=None) -> Setup:
     # checks before it evaluates, saves or returns a state, and stops. Keeping the old state
     # in the graph instead (a select on every leaf) made XLA copy the optimizer state each
     # step: +3% step time on shakespeare_char.
-    new_state = dict(step=state['step'] + 1, params=new_params, opt_state=opt_state,
-                     rng=state['rng'])
+    new_state = dict(state, step=state['step'] + 1, params=new_params, opt_state=opt_state)
     metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
                'train/lr': schedule(state['step']), 'finite': ok, 'tokens': weight_sum}
     metrics.update({f'train/{k}': v / denom for k, v in aux.items()})
     return new_state, metrics
 
-  def eval_step(params, batch):
+  def eval_step(params, extra, batch):
     with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
-      s, w, _ = objective(model, params, batch, deterministic=True)
-    return s, w
+      return task.eval_stats(model, params, extra, batch)
 
-  batch_shardings = {k: data_sharding for k in BATCH_KEYS}
-  options = compiler_options(config, mesh)
+  batch_shardings = {k: data_sharding for k in task.batch_spec()}
+  options = backend.compiler_options(config.runtime, kernels)
   train_steps = None
   if config.train.steps_per_call > 1:
     # K steps as one lax.scan: the state (~200 arrays for a small GPT) is dispatched and
     # donated once per call, not per step (-5% step time on shakespeare_char, 2 CPU cores).
     stacked = partitioning.stacked_batch_sharding(mesh)
     train_steps = flops_lib.jit(lambda state, batches: jax.lax.scan(train_step, state, batches),
-                                in_shardings=(state_shardings, {k: stacked for k in BATCH_KEYS}),
+                                in_shardings=(state_shardings, {k: stacked for k in batch_shardings}),
                                 out_shardings=(state_shardings, repl), donate_argnums=0,
                                 compiler_options=options)
   return Setup(
-      config=config, mesh=mesh, model=model, tx=tx, schedule=schedule,
-      state_shardings=state_shardings, abstract_state=abstract_state,
-      batch_sharding=data_sharding, init_state=init_state,
+      config=config, mesh=mesh, kernels=kernels, model=model, task=task, tx=tx,
+      schedule=schedule, state_shardings=state_shardings, abstract_state=abstract_state,
+      batch_sharding=data_sharding, init_state=init_state, init_extra=init_extra,
       train_step=flops_lib.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                                out_shardings=(state_shardings, repl), donate_argnums=0,
                                compiler_options=options),
       train_steps=train_steps,
       eval_step=flops_lib.jit(eval_step,
-                              in_shardings=(state_shardings['params'], batch_shardings),
+                              in_shardings=(state_shardings['params'],
+                                            state_shardings.get('extra'), batch_shardings),
                               out_shardings=repl, compiler_options=options))
-
-
-def compiler_options(config, mesh) -> dict | None:
-  """XLA options for the steps: train.cpu_matmuls='onednn' sends XLA:CPU's dots to oneDNN.
-
-  XLA:CPU's default library (YNNPACK) runs each batched matmul of attention (B*N small
-  products) on one thread; oneDNN spreads them over the cores: with XLA's attention, -10%
-  step time on the 6x384, T=256 model (same-process A/B, 2 cores). With the C++ attention
-  kernel the choice depends on the machine: on an AVX-512 Xeon with a ~295 GFLOP/s peak,
-  oneDNN and YNNPACK tie on that model and YNNPACK is 11% faster on the 4x128, T=64 one
-  (its [768, 128] matmuls). The option is marked experimental in XLA, so it stays opt-in
-  per config. Ignored off CPU.
-  """
-  if config.train.cpu_matmuls not in ('ynn', 'onednn'):
-    raise ValueError(f"train.cpu_matmuls must be 'ynn' or 'onednn', got "
-                     f"{config.train.cpu_matmuls!r}")
-  if config.train.cpu_matmuls != 'onednn' or mesh.devices.flat[0].platform != 'cpu':
-    return None
-  return flops_lib.ONEDNN_OPTIONS
 
 
 def global_batch(setup: Setup, local: dict) -> dict:
   """Each process's rows -> one global array per key, sharded over data x fsdp."""
   return {k: jax.make_array_from_process_local_data(setup.batch_sharding, np.asarray(local[k]))
-          for k in BATCH_KEYS}
+          for k in setup.batch_keys}
 
 
 def global_batches(setup: Setup, locals_: list[dict]) -> dict:
   """K local batches -> one global array per key, [K, batch, ...], for setup.train_steps."""
   sharding = partitioning.stacked_batch_sharding(setup.mesh)
   return {k: jax.make_array_from_process_local_data(
-      sharding, np.stack([np.asarray(b[k]) for b in locals_])) for k in BATCH_KEYS}
+      sharding, np.stack([np.asarray(b[k]) for b in locals_])) for k in setup.batch_keys}
 
 
 def steps_this_call(config, step: int) -> int:
@@ -208,12 +205,9 @@ def steps_this_call(config, step: int) -> int:
 
 
 def abstract_batch(setup: Setup) -> dict:
-  c = setup.config
-  shape = (c.train.batch_size, c.model.max_len)
-  dtypes = dict(inputs=jnp.int32, targets=jnp.int32, segment_ids=jnp.int32,
-                positions=jnp.int32, weights=jnp.float32)
-  return {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=setup.batch_sharding)
-          for k in BATCH_KEYS}
+  """The task's global batch as ShapeDtypeStructs sharded over data x fsdp."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
+          for k, (shape, dtype) in setup.task.batch_spec().items()}
 
 
 def compile_only(config) -> dict:
@@ -258,16 +252,100 @@ class _Preempted:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def evaluate(setup: Setup, params, config, tokenizer) -> dict:
-  from lm import data as lm_data
-  loss_sum, weight_sum = 0.0, 0.0
-  it = lm_data.make_eval_iter(config, tokenizer, num_batches=config.train.eval_steps)
-  for local in it:
-    s, w = setup.eval_step(params, global_batch(setup, local))
-    loss_sum += float(s)
-    weight_sum += float(w)
-  loss = loss_sum / max(weight_sum, 1.0)
-  return {'eval/loss': loss, 'eval/perplexity': math.exp(min(loss, 50.0))}
+def data_iter(setup: Setup, tokenizer, split: str):
+  """The task's training (split='train') or evaluation iterator over the config's data."""
+  task, config = setup.task, setup.config
+  hooks = dict(doc_transform=task.doc_transform(tokenizer),
+               transform=task.batch_transform(tokenizer))
+  if split == 'train':
+    return lm_data.make_train_iter(config, tokenizer, **hooks)
+  return lm_data.make_eval_iter(config, tokenizer, num_batches=config.train.eval_steps, **hooks)
+
+
+def evaluate(setup: Setup, state, tokenizer) -> dict:
+  """The task's eval metrics over config.train.eval_steps batches (sums, then metrics)."""
+  totals = {}
+  for local in data_iter(setup, tokenizer, 'eval'):
+    stats = setup.eval_step(state['params'], state.get('extra'), global_batch(setup, local))
+    for k, v in jax.device_get(stats).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return setup.task.eval_metrics(totals)
+
+
+def restore_state(setup: Setup, ckpt, step: int, saved_scan: bool):
+  """(state, data state) of checkpoint `step`, onto this run's mesh (Orbax reshards).
+
+  runtime.scan_layers decides the params' layout (one stacked 'layers' tree or
+  'layers_0', 'layers_1', ...): a run saved in the other layout is restored in its own
+  (on one device) and converted.
+  """
+  if saved_scan == setup.config.runtime.scan_layers:
+    return ckpt.restore(step, setup.abstract_state)
+  one = jax.sharding.SingleDeviceSharding(setup.mesh.devices.flat[0])
+  saved_layout = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                              jax.eval_shape(functools.partial(models.relayout, scanned=saved_scan),
+                                             setup.abstract_state))
+  state, data_state = ckpt.restore(step, saved_layout)
+  convert = functools.partial(models.relayout, scanned=setup.config.runtime.scan_layers)
+  return jax.device_put(jax.jit(convert)(state), setup.state_shardings), data_state
+
+
+def init_source(config, log: Callable[[str], None] = print):
+  """For config.init_from: (config with the source's architecture and tokenizer, tokenizer,
+  a function setup -> params on setup's mesh).
+
+  The source is an lm run directory (config.json + checkpoints/: a training run or an
+  imported model) or a Hugging Face model directory (config.json + *.safetensors).
+  """
+  src = pathlib.Path(config.init_from)
+  config = config.copy_and_resolve_references()
+  if (src / 'checkpoints').is_dir():
+    saved = ckpt_lib.read_config(src)
+    tokenizer = ckpt_lib.read_tokenizer(src)
+    source_ckpt = ckpt_lib.Checkpointer(src, None, read_only=True)
+    step = source_ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'init_from={src} has no checkpoint yet.')
+
+    def load(setup):
+      abstract = setup.abstract_state['params']
+      if saved.runtime.scan_layers != config.runtime.scan_layers:
+        one = jax.sharding.SingleDeviceSharding(setup.mesh.devices.flat[0])
+        own = jax.eval_shape(functools.partial(models.relayout, scanned=saved.runtime.scan_layers),
+                             abstract)
+        params = source_ckpt.restore_params(step, jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), own))
+        params = jax.jit(functools.partial(models.relayout, scanned=config.runtime.scan_layers))(
+            params)
+        params = jax.device_put(params, setup.state_shardings['params'])
+      else:
+        params = source_ckpt.restore_params(step, abstract)
+      source_ckpt.close()
+      return params
+    what = f'lm run, step {step}'
+  elif (src / 'config.json').exists() and list(src.glob('*.safetensors')):
+    m, lazy_params, hf_config = hf.import_hf(src, config.runtime.scan_layers)
+    saved = None
+    tokenizer = hf_tokenizers.from_hf_dir(src, hf_config)
+    model_config = hf.model_config(m)
+
+    def load(setup):
+      arrays = jax.tree.map(lambda t: t(), lazy_params)
+      return jax.tree.map(lambda x, s: jax.device_put(x.astype(s.dtype), s.sharding),
+                          arrays, setup.abstract_state['params'])
+    what = f'Hugging Face {hf.architecture(hf_config)}'
+  else:
+    raise FileNotFoundError(
+        f'init_from={src} is neither an lm run directory (config.json and checkpoints/) nor '
+        'a Hugging Face model directory (config.json and *.safetensors).')
+  with config.unlocked():
+    config.model = saved.model if saved is not None else model_config
+    # The tokenizer is the source's; this run saves its own copy.
+    config.data.tokenizer = tokenizer.kind
+    config.data.tokenizer_path = ''
+  log(f'init_from {src} ({what}): its architecture and tokenizer replace config.model and '
+      'config.data.tokenizer.')
+  return config, tokenizer, load
 
 
 def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> dict:
@@ -276,50 +354,53 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
   devices: the devices of the mesh (default: all); a resumed run may use a different
   number (and mesh) than the run that saved it: Orbax reshards on restore.
   """
-  from lm import data as lm_data
   workdir = pathlib.Path(workdir)
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint)
   latest = ckpt.latest_step()
+  if latest is not None and not ckpt.has_train_state(latest):
+    raise ValueError(
+        f'{workdir} holds an imported or exported model (params only), not a training run. '
+        f'Fine-tune it in a new run directory: --config.init_from={workdir} '
+        '--workdir=NEW_DIR.')
 
-  # The tokenizer travels with the run: reuse the saved one when resuming.
-  if latest is not None and (workdir / ckpt_lib.TOKENIZER_DIR).exists():
-    tokenizer = ckpt_lib.read_tokenizer(workdir)
+  source = None
+  if latest is not None:  # a workdir with checkpoints always resumes
+    # The tokenizer travels with the run: reuse the saved one.
+    tokenizer = (ckpt_lib.read_tokenizer(workdir)
+                 if (workdir / ckpt_lib.TOKENIZER_DIR).exists() else
+                 lm_data.build_tokenizer(config))
+  elif config.init_from:
+    config, tokenizer, source = init_source(config, log)
   else:
     tokenizer = lm_data.build_tokenizer(config)
-  if latest is not None and not ckpt.has_train_state(latest) and (
-      workdir / ckpt_lib.CONFIG_FILE).exists():
-    # An imported model: its architecture and tokenizer come from the run directory.
-    saved = ckpt_lib.read_config(workdir)
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.model = saved.model
-      config.data.tokenizer, config.data.tokenizer_path = (saved.data.tokenizer,
-                                                           saved.data.tokenizer_path)
   config = lm_config.resolve(config, tokenizer)
+  saved = None
   if latest is not None and (workdir / ckpt_lib.CONFIG_FILE).exists():
     saved = ckpt_lib.read_config(workdir)
-    if saved.model.to_dict() != config.model.to_dict():
+    if saved.model.to_dict() != config.model.to_dict():  # architecture only: runtime may change
       diff = {k: (saved.model[k], config.model[k]) for k in config.model
               if saved.model.get(k) != config.model[k]}
       raise ValueError(f'{workdir} holds a run whose model differs from this config '
                        f'(saved, given): {diff}. Use a new --workdir or the same model fields.')
 
   setup = build(config, devices)
-  train_iter = lm_data.make_train_iter(config, tokenizer)
-  if latest is not None and ckpt.has_train_state(latest):
-    state, data_state = ckpt.restore(latest, setup.abstract_state)
+  train_iter = data_iter(setup, tokenizer, 'train')
+  if latest is not None:
+    layout = saved.runtime.scan_layers if saved is not None else config.runtime.scan_layers
+    state, data_state = restore_state(setup, ckpt, latest, layout)
     if data_state:
       train_iter.set_state(data_state)
     log(f'Resumed from step {int(state["step"])} in {workdir}.')
   else:
     state = setup.init_state(jax.random.PRNGKey(config.train.seed))
-    if latest is not None:  # an imported model: fine-tune from its params
-      params = ckpt.restore_params(latest, setup.abstract_state['params'])
+    if source is not None:  # init_from: the source's weights at step 0 of a new run
+      params = source(setup)
       state['params'] = params
       state['opt_state'] = jax.jit(setup.tx.init, out_shardings=setup.state_shardings[
           'opt_state'])(params)
-      state['step'] = jnp.array(0, jnp.int32)
-      log(f'Initialised from the params of {workdir} (step {latest}).')
+      if 'extra' in state:  # e.g. a frozen reference: of the loaded weights, not random ones
+        state['extra'] = setup.init_extra(params)
+      log(f'Initialised from the weights of {config.init_from}.')
   ckpt_lib.write_run_files(workdir, config, tokenizer)
 
   start = int(state['step'])
@@ -390,12 +471,11 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
       eval_loss = None
       if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
         settle()  # never evaluate the state of a non-finite step
-        ev = evaluate(setup, state['params'], config, tokenizer)
-        eval_loss = ev['eval/loss']
+        ev = evaluate(setup, state, tokenizer)
+        eval_loss = ev[setup.task.best_metric]
         best_eval = eval_loss if best_eval is None else min(best_eval, eval_loss)
         writer.write({'step': done, **ev})
-        log(f'step {done}: eval loss {ev["eval/loss"]:.4f}, perplexity '
-            f'{ev["eval/perplexity"]:.2f}')
+        log(f'step {done}: ' + ', '.join(f"{k.replace('/', ' ')} {v:.4f}" for k, v in ev.items()))
         t_mark = None  # eval time is not training throughput
       stop = preempted.flag
       saving = done % config.checkpoint.every_steps == 0 or done == steps or stop

@@ -1,0 +1,1 @@
+"""Evaluating models: per-token log-probabilities of given token ids (scoring.py)."""
