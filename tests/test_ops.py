@@ -280,3 +280,29 @@ def test_fused_adamw_equals_optax(grad_scale, clip):
   jax.tree.map(close, s, ref_s)  # mu, nu and both step counts
   assert jax.tree.structure(s) == jax.tree.structure(ref_s)
   assert float(jnp.max(jnp.abs(p['w'] - params['w']))) > 1e-3  # it moved
+
+
+def test_backend_select_makes_every_choice_from_the_mesh(monkeypatch):
+  """One CPU device: the C++ kernels where they are tuned (AVX-512), XLA elsewhere; a mesh
+  of several devices: XLA and no fused q/k/v; adapters: no fused projections."""
+  from lm.train import partitioning  # pylint: disable=import-outside-toplevel
+  runtime = base_config().runtime
+  one = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  eight = partitioning.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+  monkeypatch.setattr(cpu_kernels, 'tuned_for_this_cpu', lambda: True)
+  k = backend.select(runtime, one)
+  assert (k.attention, k.cpu_ops, k.fused_qkv, k.fused_adamw, k.mesh) == ('cpu', True, True,
+                                                                          True, None)
+  assert not backend.select(runtime, one, adapters=True).fused_qkv
+  k = backend.select(runtime, eight)
+  assert (k.attention, k.cpu_ops, k.fused_qkv, k.fused_adamw) == ('xla', False, False, False)
+  assert k.mesh is eight and k.platform == 'cpu'
+  runtime.attention = 'splash'  # asked for a kernel this backend lacks: XLA
+  assert backend.select(runtime, one).attention == 'xla'
+  runtime.attention = 'auto'
+  monkeypatch.setattr(cpu_kernels, 'tuned_for_this_cpu', lambda: False)  # e.g. AVX2 only
+  k = backend.select(runtime, one)
+  assert (k.attention, k.cpu_ops, k.fused_qkv, k.fused_adamw) == ('xla', False, True, False)
+  runtime.attention = 'flash'
+  with pytest.raises(ValueError, match='runtime.attention must be one of'):
+    backend.select(runtime, one)

@@ -95,8 +95,9 @@ def test_gradient_accumulation_equals_big_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p_big, p_acc)
 
 
-def test_fused_adamw_step_matches_optax():
+def test_fused_adamw_step_matches_optax(monkeypatch):
   """On one CPU device AdamW runs as one C++ op (optim.fused_update); same training."""
+  monkeypatch.setenv('LM_CPU_KERNELS', 'force')  # the seam keeps XLA on AVX2-only CPUs
   def steps(fused):
     c = synthetic_config(data=1, fsdp=1, tensor=1)
     c.optimizer.update(name='adamw', lr=1e-2, weight_decay=0.1, grad_clip=0.5, fused=fused)

@@ -30,7 +30,7 @@ class Kernels:
   attention: resolved implementation: 'xla' (lm/ops/attention.py on CPU; on accelerators
     the memory-lean path when remat is on), 'splash' (TPU Pallas), 'cudnn' (GPU flash),
     'cpu' (the C++ kernel); each falls back to 'xla' where its kernel does not apply.
-  cpu_ops: the C++ norms, dense layers and GELU (one CPU device, kernels built).
+  cpu_ops: the C++ norms, dense layers and GELU (one CPU device with AVX-512, built).
   fused_qkv: q, k, v as one matmul against the three kernels side by side (one CPU
     device; never with adapters or quantized weights, which need each projection).
   fused_adamw: AdamW as one C++ op (lm/ops/cpu_adamw.py).
@@ -60,7 +60,8 @@ def select(runtime, mesh, *, adapters: bool = False) -> Kernels:
   platform = mesh.devices.flat[0].platform
   platform = 'gpu' if platform in ('cuda', 'rocm') else platform
   one_cpu = platform == 'cpu' and mesh.devices.size == 1
-  cpp = one_cpu and cpu_kernels.available()  # builds the kernels here, once per machine
+  # Builds the kernels here, once per machine; only where they beat XLA (AVX-512).
+  cpp = one_cpu and cpu_kernels.tuned_for_this_cpu() and cpu_kernels.available()
   attention = runtime.attention
   if attention == 'auto':
     sixteen_bit = runtime.dtype in ('bfloat16', 'float16')

@@ -4,8 +4,8 @@ The sources are compiled together, on first use, with the system's C++ compiler 
 machine (-march=native) against the XLA FFI headers that ship in jaxlib, and cached under
 ~/.cache/lm/kernels keyed by the sources, jaxlib's version and the CPU; set LM_KERNEL_DIR to
 move the cache. Without a compiler, or with LM_CPU_KERNELS=0, `available()` is False (the
-reason in `unavailable_reason()`) and lm/models/layers.py uses the XLA versions of attention,
-norms, dense layers and GELU, which compute the same.
+reason in `unavailable_reason()`) and the models use the XLA versions of attention, norms,
+dense layers and GELU, which compute the same. lm/ops/backend.py decides where they run.
 """
 from __future__ import annotations
 
@@ -81,6 +81,14 @@ def available() -> bool:
     _FAILURE.append(str(e))
     logging.warning('C++ CPU kernels unavailable, using the XLA versions: %s', e)
     return False
+
+
+def tuned_for_this_cpu() -> bool:
+  """Whether the kernels pay off here: their register tiles are sized for AVX-512's 32
+  vector registers. On an AVX2-only CPU (a 2-core AMD EPYC) they ran slower than XLA's
+  ops: the dense layers 5x, attention 1.6x (docs/performance.md), so lm/ops/backend.py
+  keeps XLA there. LM_CPU_KERNELS=force uses them anyway (tests of the kernels' path)."""
+  return os.environ.get('LM_CPU_KERNELS') == 'force' or 'avx512f' in _cpu_id()
 
 
 def unavailable_reason() -> str:
