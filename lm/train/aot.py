@@ -50,6 +50,10 @@ import re
 import time
 from typing import Any
 
+from lm import models
+from lm.train import flops as flops_lib
+from lm.train import trainer
+
 GIB = 2 ** 30
 
 # Custom calls that cost_analysis charges -1 s each ("no cost known"): memory-space
@@ -234,7 +238,6 @@ def _cost(compiled) -> tuple[dict, dict]:
 
 def _compile_variant(config, devices, n_layers: int | None) -> tuple[dict, dict]:
   """_cost of loop_free(config, n_layers), compiled with ESTIMATE_OPTIONS."""
-  from lm.train import trainer
   setup = trainer.build(loop_free(config, n_layers), devices=devices)
   return _cost(setup.train_step.lower(setup.abstract_state, trainer.abstract_batch(
       setup)).compile(compiler_options=ESTIMATE_OPTIONS))
@@ -273,9 +276,6 @@ def compile_report(config, topology: str, num_slices: int = 1,
   """
   if estimate not in ('layers', 'full', 'none'):
     raise ValueError(f"estimate must be 'layers', 'full' or 'none', got {estimate!r}.")
-  from lm import models
-  from lm.train import flops as flops_lib
-  from lm.train import trainer
 
   gen, _ = parse_topology(topology)
   devices = topology_devices(topology, num_slices)

@@ -22,6 +22,7 @@ SPEC_PEAK_FLOPS = {
     'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
     'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
     'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+    'TPU v5': 459e12,  # v5p's device_kind; after 'TPU v5 lite' so that v5e matches first
 }
 
 
