@@ -1,4 +1,4 @@
-"""Trains (or resumes) a model: the contract in DESIGN.md.
+"""Trains (or resumes) a model (CLI contract: docs/architecture.md).
 
   python scripts/train.py --config=configs/NAME.py --workdir=DIR [--config.a.b=VALUE ...]
   python scripts/train.py --config=configs/llama2_7b.py --workdir=/tmp/x --compile_only \
