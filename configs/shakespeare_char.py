@@ -1,7 +1,11 @@
 """nanoGPT's shakespeare_char CPU configuration, reproduced.
 
   python scripts/train.py --config=configs/shakespeare_char.py --workdir=/tmp/shakespeare \
-      --config.data.path=../shared/data/tinyshakespeare.txt
+      --config.data.path=data/tinyshakespeare.txt
+
+The corpus: tiny Shakespeare, char-rnn's data/tinyshakespeare/input.txt (1,115,394 bytes,
+public), saved locally as data/tinyshakespeare.txt (the default path) or passed with
+--config.data.path.
 
 4 layers, 4 heads, 128 wide, block 64, batch 12, character tokenizer (65 symbols),
 AdamW lr 1e-3 (100 warmup steps, cosine to 1e-4 at 2000), beta2 0.99, weight decay 0.1,
@@ -24,7 +28,7 @@ def get_config():
   # 1.8961 at step 2000 (all 1,742 validation windows: 1.919 against 1.909 with them).
   c.model.update(gpt2_model(vocab_size=0, max_len=64, n_layers=4, n_heads=4, d_model=128))
   c.runtime.update(cpu_matmuls='ynn')  # on CPU: see lm/ops/backend.compiler_options
-  c.data.update(dataset='text_files', path='../shared/data/tinyshakespeare.txt',
+  c.data.update(dataset='text_files', path='data/tinyshakespeare.txt',
                 tokenizer='char', val_fraction=0.1)
   c.train.update(steps=2000, batch_size=12, log_every=50, eval_every=250, eval_steps=20,
                  seed=1337, steps_per_call=10)  # a ~28 ms step: one dispatch per 10 (trainer.build)

@@ -1,7 +1,11 @@
 """nanoGPT's shakespeare_char GPU configuration (train_shakespeare_char.py).
 
   python scripts/train.py --config=configs/shakespeare_char_gpu.py --workdir=/tmp/sgpu \
-      --config.data.path=../shared/data/tinyshakespeare.txt
+      --config.data.path=data/tinyshakespeare.txt
+
+The corpus: tiny Shakespeare, char-rnn's data/tinyshakespeare/input.txt (1,115,394 bytes,
+public), saved locally as data/tinyshakespeare.txt (the default path) or passed with
+--config.data.path.
 
 6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2, no biases (nanoGPT's
 default), AdamW lr 1e-3 (100 warmup, cosine to 1e-4 at 5000), beta2 0.99, weight decay 0.1,
@@ -24,7 +28,7 @@ def get_config():
                             use_bias=False))  # nanoGPT's default bias=False
   c.runtime.update(embed_dropout=0.2, attn_dropout=0.2, resid_dropout=0.2,
                    cpu_matmuls='ynn')  # on CPU: see lm/ops/backend.compiler_options
-  c.data.update(dataset='text_files', path='../shared/data/tinyshakespeare.txt',
+  c.data.update(dataset='text_files', path='data/tinyshakespeare.txt',
                 tokenizer='char', val_fraction=0.1)
   c.train.update(steps=5000, batch_size=64, log_every=50, eval_every=250, eval_steps=200,
                  seed=1337)

@@ -272,22 +272,34 @@ def evaluate(setup: Setup, state, tokenizer) -> dict:
   return setup.task.eval_metrics(totals)
 
 
-def restore_state(setup: Setup, ckpt, step: int, saved_scan: bool):
-  """(state, data state) of checkpoint `step`, onto this run's mesh (Orbax reshards).
+def restore_in_layout(restore: Callable, abstract, shardings, saved_scan: bool,
+                      scan: bool, device):
+  """restore(target) of a params-shaped tree saved with runtime.scan_layers=saved_scan, in
+  this run's layout (`scan`) and shardings.
 
-  runtime.scan_layers decides the params' layout (one stacked 'layers' tree or
-  'layers_0', 'layers_1', ...): a run saved in the other layout is restored in its own
-  (on one device) and converted.
+  scan_layers decides the layout (one stacked 'layers' tree or 'layers_0', 'layers_1', ...):
+  a tree saved in the other layout is restored in its own, on `device`, and converted.
   """
-  if saved_scan == setup.config.runtime.scan_layers:
-    return ckpt.restore(step, setup.abstract_state)
-  one = jax.sharding.SingleDeviceSharding(setup.mesh.devices.flat[0])
-  saved_layout = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-                              jax.eval_shape(functools.partial(models.relayout, scanned=saved_scan),
-                                             setup.abstract_state))
-  state, data_state = ckpt.restore(step, saved_layout)
-  convert = functools.partial(models.relayout, scanned=setup.config.runtime.scan_layers)
-  return jax.device_put(jax.jit(convert)(state), setup.state_shardings), data_state
+  if saved_scan == scan:
+    return restore(abstract)
+  one = jax.sharding.SingleDeviceSharding(device)
+  saved = jax.eval_shape(functools.partial(models.relayout, scanned=saved_scan), abstract)
+  tree = restore(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                              saved))
+  return jax.device_put(jax.jit(functools.partial(models.relayout, scanned=scan))(tree),
+                        shardings)
+
+
+def restore_state(setup: Setup, ckpt, step: int, saved_scan: bool):
+  """(state, data state) of checkpoint `step`, onto this run's mesh (Orbax reshards) and
+  params layout (restore_in_layout)."""
+  data = {}
+  def restore(target):
+    state, data['state'] = ckpt.restore(step, target)
+    return state
+  state = restore_in_layout(restore, setup.abstract_state, setup.state_shardings, saved_scan,
+                            setup.config.runtime.scan_layers, setup.mesh.devices.flat[0])
+  return state, data['state']
 
 
 def init_source(config, log: Callable[[str], None] = print):
@@ -308,18 +320,10 @@ def init_source(config, log: Callable[[str], None] = print):
       raise FileNotFoundError(f'init_from={src} has no checkpoint yet.')
 
     def load(setup):
-      abstract = setup.abstract_state['params']
-      if saved.runtime.scan_layers != config.runtime.scan_layers:
-        one = jax.sharding.SingleDeviceSharding(setup.mesh.devices.flat[0])
-        own = jax.eval_shape(functools.partial(models.relayout, scanned=saved.runtime.scan_layers),
-                             abstract)
-        params = source_ckpt.restore_params(step, jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), own))
-        params = jax.jit(functools.partial(models.relayout, scanned=config.runtime.scan_layers))(
-            params)
-        params = jax.device_put(params, setup.state_shardings['params'])
-      else:
-        params = source_ckpt.restore_params(step, abstract)
+      params = restore_in_layout(
+          lambda target: source_ckpt.restore_params(step, target),
+          setup.abstract_state['params'], setup.state_shardings['params'],
+          saved.runtime.scan_layers, config.runtime.scan_layers, setup.mesh.devices.flat[0])
       source_ckpt.close()
       return params
     what = f'lm run, step {step}'
