@@ -43,6 +43,45 @@ MODEL_SCHEMAS = {
         sliding_window=0,  # 0: none (Mistral uses 4096)
         init_std=0.02,
     ),
+    # BERT / RoBERTa (lm/models/encoder.py): post-LayerNorm blocks, exact GELU, learned
+    # absolute positions plus token types, bidirectional attention over non-padding.
+    'encoder': dict(
+        family="encoder",
+        vocab_size=0,
+        max_len=128,  # rows the data pipeline cuts; <= max_positions - pos_offset
+        max_positions=512,  # rows of the position table (HF max_position_embeddings)
+        pos_offset=0,  # RoBERTa: padding_idx + 1 = 2 (positions start there)
+        type_vocab_size=2,  # token types (segment A/B); RoBERTa: 1
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        d_ff=0,  # 0: 4 * d_model
+        norm_eps=1e-12,
+        pooler=True,  # tanh dense on the first token (BertModel's pooler)
+        mlm_head=True,  # dense + GELU + LayerNorm, tied decoder + output bias
+        num_labels=0,  # > 0: a sequence-classification head on the pooled output
+        init_std=0.02,
+    ),
+    # T5 (lm/models/encdec.py): relative position buckets, RMS norm without bias, no biases.
+    'encdec': dict(
+        family="encdec",
+        vocab_size=0,
+        max_len=128,  # encoder input rows the data pipeline makes
+        max_target_len=32,  # decoder rows (span corruption: from its noise density)
+        d_model=128,
+        n_layers=2,  # encoder layers
+        n_decoder_layers=0,  # 0: n_layers
+        n_heads=4,
+        head_dim=0,  # d_kv; 0: d_model // n_heads
+        d_ff=0,  # 0: 4 * d_model
+        mlp="relu",  # relu (T5 v1.0) | gated_gelu (v1.1, Flan-T5)
+        relative_buckets=32,
+        relative_max_distance=128,
+        norm_eps=1e-6,
+        tie_embeddings=True,  # v1.0: tied head, scaled by d_model**-0.5; v1.1: untied
+        decoder_start_id=0,  # T5 starts decoding from the pad id
+        init_std=1.0,  # T5's init factor
+    ),
 }
 
 # How the model runs, not what it is: may change between runs and on resume.

@@ -343,9 +343,10 @@ def infer_architecture(m: dict) -> str:
 
 def model_config(m: dict):
   """A full config.model ConfigDict from plain fields (rope_scaling given as a dict)."""
-  mc = base_config().model
   m = dict(m)
-  mc.rope_scaling.update(dict(m.pop('rope_scaling', {})))
+  mc = base_config(m.get('family', 'decoder')).model
+  if 'rope_scaling' in mc:
+    mc.rope_scaling.update(dict(m.pop('rope_scaling', {})))
   mc.update(m)
   return mc
 

@@ -83,9 +83,11 @@ def pack(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, pad_id: int = 0,
 
 
 def load_rows(config, tokenizer, split: str, doc_transform: DocTransform | None = None,
-              purpose: str = 'training') -> PackedRows:
+              purpose: str = 'training', seq_len: int | None = None) -> PackedRows:
+  """The split's packed rows of seq_len tokens (default model.max_len; a task may cut
+  other lengths, e.g. span corruption's raw rows, longer than its encoder inputs)."""
   tokens, offsets = sources.load_tokens(config, tokenizer, split)
-  rows = pack(tokens, offsets, config.model.max_len,
+  rows = pack(tokens, offsets, seq_len or config.model.max_len,
               tokenizer.pad_id if tokenizer.pad_id is not None else 0, doc_transform)
   if not len(rows):
     raise ValueError(
@@ -177,13 +179,14 @@ def _dataset(order: _Order, rows: PackedRows, num_batches: int, transform, seed:
 def make_train_iter(config, tokenizer, process_index: int | None = None,
                     process_count: int | None = None, *,
                     doc_transform: DocTransform | None = None,
-                    transform: BatchTransform | None = None) -> grain.DatasetIterator:
+                    transform: BatchTransform | None = None,
+                    seq_len: int | None = None) -> grain.DatasetIterator:
   """Infinite iterator of this process's training batches; `get_state`/`set_state` resume it.
 
   An epoch is one pass over the packed rows of the train split, shuffled
   (data.shuffle) from train.seed and the epoch number; see _Order.
   """
-  rows = load_rows(config, tokenizer, config.data.train_split, doc_transform)
+  rows = load_rows(config, tokenizer, config.data.train_split, doc_transform, seq_len=seq_len)
   index, count, local_batch = _shard(config, process_index, process_count)
   seed = config.train.seed % 2**32
   order = _Order(len(rows), local_batch, index, count, seed=seed if config.data.shuffle else None)
@@ -194,14 +197,16 @@ def make_train_iter(config, tokenizer, process_index: int | None = None,
 def make_eval_iter(config, tokenizer, process_index: int | None = None,
                    process_count: int | None = None, num_batches: int | None = None, *,
                    doc_transform: DocTransform | None = None,
-                   transform: BatchTransform | None = None) -> grain.IterDataset:
+                   transform: BatchTransform | None = None,
+                   seq_len: int | None = None) -> grain.IterDataset:
   """One ordered pass over the eval split; each `iter()` starts it afresh.
 
   The last batch is filled with padding rows (weights 0); every process gets
   the same number of batches. num_batches caps the pass; then its rows are
   spread evenly over the split (a fixed sample, like nanoGPT's estimate).
   """
-  rows = load_rows(config, tokenizer, config.data.eval_split, doc_transform, 'evaluation')
+  rows = load_rows(config, tokenizer, config.data.eval_split, doc_transform, 'evaluation',
+                   seq_len)
   index, count, local_batch = _shard(config, process_index, process_count)
   n = -(-len(rows) // config.train.batch_size)
   spread = 0

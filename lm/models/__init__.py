@@ -26,10 +26,16 @@ def get_model(model_config, runtime=None, kernels: Kernels = Kernels()) -> nn.Mo
   return module_cls(config_cls.from_config(model_config, runtime, kernels))
 
 
+def example_inputs(model: nn.Module, batch_size: int = 1, seq_len: int | None = None) -> tuple:
+  """Dummy positional inputs that make `model.init` create every parameter: the family
+  module's `example_inputs` (an encoder-decoder needs encoder and decoder tokens)."""
+  return type(model).example_inputs(model.cfg, batch_size, seq_len or model.cfg.max_len)
+
+
 def init_params(model: nn.Module, rng, seq_len: int | None = None):
   """Initialised (logically boxed) params, shaped by a [1, seq_len] dummy batch."""
-  tokens = jnp.zeros((1, seq_len or model.cfg.max_len), jnp.int32)
-  return jax.jit(model.init)(rng, tokens)['params']  # jitted: eager init is slow
+  inputs = example_inputs(model, 1, seq_len)
+  return jax.jit(model.init)(rng, *inputs)['params']  # jitted: eager init is slow
 
 
 def init_cache(model: nn.Module, batch_size: int, max_len: int):
@@ -70,8 +76,8 @@ def count_params(params) -> int:
 
 def param_shapes(model: nn.Module, seq_len: int = 1):
   """Parameter ShapeDtypeStructs (logically boxed) without allocating anything."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))['params']
+  inputs = example_inputs(model, 1, seq_len)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))['params']
 
 
 def param_table(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:

@@ -146,6 +146,11 @@ class Block(nn.Module):
 class Decoder(nn.Module):
   cfg: DecoderConfig
 
+  @staticmethod
+  def example_inputs(cfg: DecoderConfig, batch_size: int, seq_len: int) -> tuple:
+    del cfg
+    return (jnp.zeros((batch_size, seq_len), jnp.int32),)
+
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                segment_ids_BT: Array | None = None, deterministic: bool = True,

@@ -26,20 +26,28 @@ SPEC_PEAK_FLOPS = {
 }
 
 
+# Tables that are looked up, never multiplied: positions, token types, T5's relative biases.
+LOOKUP_TABLES = ('pos_embed', 'type_embed', 'relative_bias')
+
+
 def matmul_params(model) -> int:
   n = 0
   for path, _, size in models.param_table(model):
-    top = path.split('/')[0]
-    if top == 'pos_embed' or (top == 'embed' and not model.cfg.tie_embeddings):
+    parts = path.split('/')
+    if any(p in LOOKUP_TABLES for p in parts) or (
+        parts[0] == 'embed' and not getattr(model.cfg, 'tie_embeddings', True)):
       continue
     n += size
   return n
 
 
 def flops_per_token(model, seq_len: int | None = None) -> float:
+  """6N + 12 L D_attn T; L counts attention layers (an encoder-decoder's cfg says how
+  many: encoder self, decoder self and cross attention)."""
   cfg = model.cfg
   t = seq_len or cfg.max_len
-  return 6.0 * matmul_params(model) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim_ * t
+  layers = getattr(cfg, 'attention_layers', cfg.n_layers)
+  return 6.0 * matmul_params(model) + 12.0 * layers * cfg.n_heads * cfg.head_dim_ * t
 
 
 def speed_report(tokens_per_sec: float, flops_per_token: float, peak: float) -> dict:

@@ -2,8 +2,9 @@
 
 A task declares
 - `batch_spec(config)`: the batch's keys -> (shape, dtype), global shapes;
-- `doc_transform` / `batch_transform(config, tokenizer)`: hooks for the data pipeline
-  (lm/data/pipeline.py), per document before packing and per packed batch;
+- `doc_transform` / `batch_transform(tokenizer)`: hooks for the data pipeline
+  (lm/data/pipeline.py), per document before packing and per packed batch, and
+  `row_length()`, the packed rows' length; or `data_iter` for data of another shape;
 - `loss(model, params, extra, batch, rng, deterministic)`: (sum, weight, aux sums), so
   microbatches add up exactly to the big batch; the trainer divides by the weight;
 - `eval_stats` (sums over a batch) and `eval_metrics` (the metrics from summed stats), so
@@ -46,6 +47,22 @@ class Task:
   def batch_transform(self, tokenizer) -> Callable | None:
     del tokenizer
     return None
+
+  def row_length(self) -> int:
+    """Tokens per packed row that the data pipeline cuts (model.max_len for most tasks)."""
+    return self.config.model.max_len
+
+  def data_iter(self, tokenizer, split: str, num_batches: int | None = None):
+    """This process's batches (dicts of numpy arrays, keys as batch_spec): for split
+    'train' an endless iterator with get_state/set_state, else one finite pass
+    (num_batches caps it) that each iter() restarts. The default is lm.data's packed
+    rows with this task's hooks; tasks with other data (labelled examples) override it."""
+    from lm import data as lm_data  # lazy: lm.data imports the tokenizers
+    hooks = dict(doc_transform=self.doc_transform(tokenizer),
+                 transform=self.batch_transform(tokenizer), seq_len=self.row_length())
+    if split == 'train':
+      return lm_data.make_train_iter(self.config, tokenizer, **hooks)
+    return lm_data.make_eval_iter(self.config, tokenizer, num_batches=num_batches, **hooks)
 
   def init_extra(self, params) -> dict:
     del params

@@ -74,7 +74,7 @@ def build(config, devices=None) -> Setup:
   fused_update = optim.fused_update(config.optimizer, schedule, nn.unbox(boxed_params), kernels)
 
   def init_boxed(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    params = model.init(rng, *models.example_inputs(model, 1, seq_len))['params']
     state = dict(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                  rng=jax.random.PRNGKey(0))  # replaced in init_state
     extra = task.init_extra(params)
@@ -254,12 +254,8 @@ class _Preempted:
 
 def data_iter(setup: Setup, tokenizer, split: str):
   """The task's training (split='train') or evaluation iterator over the config's data."""
-  task, config = setup.task, setup.config
-  hooks = dict(doc_transform=task.doc_transform(tokenizer),
-               transform=task.batch_transform(tokenizer))
-  if split == 'train':
-    return lm_data.make_train_iter(config, tokenizer, **hooks)
-  return lm_data.make_eval_iter(config, tokenizer, num_batches=config.train.eval_steps, **hooks)
+  num = None if split == 'train' else setup.config.train.eval_steps
+  return setup.task.data_iter(tokenizer, split, num)
 
 
 def evaluate(setup: Setup, state, tokenizer) -> dict:
