@@ -42,6 +42,7 @@ MODEL_SCHEMAS = {
         tie_embeddings=True,
         sliding_window=0,  # 0: none (Mistral uses 4096)
         init_std=0.02,
+        num_labels=0,  # > 0: a classifier on the last non-pad token (task classification)
     ),
     # BERT / RoBERTa (lm/models/encoder.py): post-LayerNorm blocks, exact GELU, learned
     # absolute positions plus token types, bidirectional attention over non-padding.
@@ -114,6 +115,17 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
   c.task = mlc.ConfigDict(dict(
       name="causal_lm",
       z_loss=0.0,  # causal_lm: PaLM's auxiliary log(Z)^2 loss
+      # masked_lm (BERT): the share of tokens selected (of those 80% [MASK], 10% random,
+      # 10% kept) and the mask symbol (the tokenizer's; bytes/char/sentencepiece add it via
+      # --config.data.user_symbols="('[MASK]',)")
+      mask_rate=0.15,
+      mask_token="[MASK]",
+      # span_corruption (T5): the share of noise tokens and the mean noise span length
+      noise_density=0.15,
+      mean_noise_span_length=3.0,
+      # classification: label names in id order; () = the train data's string labels,
+      # sorted (set here by the run, so config.json records the mapping), or int labels
+      labels=(),
   ))
 
   # Data: read by lm.data (sources.py, tokenizers.py, pipeline.py).
@@ -140,6 +152,11 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       data_dir="",  # where TFDS builds and token caches go; "" -> ~/.cache/lm/tfds
       shuffle=True,  # shuffle packed rows (reshuffled each epoch from train.seed)
       num_workers=0,  # Grain worker processes (0: batches made in the caller's thread)
+      # Labelled JSON lines (task classification, lm/data/labeled.py): records
+      # {json_field, label_field} or {pair_fields[0], pair_fields[1], label_field}
+      label_field="label",
+      pair_fields=("text_a", "text_b"),
+      eval_path="",  # the eval records; "" -> the last val_fraction of data.path's
   ))
 
   c.train = mlc.ConfigDict(dict(
@@ -218,6 +235,16 @@ def llama_model(**overrides) -> dict:
   return dict(dict(family="decoder", vocab_size=32000, max_len=4096, pos_embedding="rope",
                    rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
                    use_bias=False, tie_embeddings=False), **overrides)
+
+
+def t5_model(**overrides) -> dict:
+  """T5 v1.0 (encdec family): ReLU MLP, head tied to the embedding (scaled by d**-0.5),
+  32 relative buckets up to distance 128, vocab 32128 (v1.1: mlp="gated_gelu",
+  tie_embeddings=False)."""
+  return dict(dict(family="encdec", vocab_size=32128, max_len=512, max_target_len=114,
+                   mlp="relu", tie_embeddings=True, relative_buckets=32,
+                   relative_max_distance=128, norm_eps=1e-6, decoder_start_id=0,
+                   init_std=1.0), **overrides)
 
 
 def resolve(config: mlc.ConfigDict, tokenizer=None) -> mlc.ConfigDict:

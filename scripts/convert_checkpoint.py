@@ -5,7 +5,10 @@
 
 HF_DIR is a directory as transformers' save_pretrained writes it (config.json,
 safetensors, tokenizer files). Architectures: GPT2LMHeadModel, LlamaForCausalLM,
-MistralForCausalLM, Qwen2ForCausalLM. Tensors stream one at a time in both directions.
+MistralForCausalLM, Qwen2ForCausalLM; BertModel, BertForMaskedLM,
+BertForSequenceClassification, RobertaForMaskedLM (the export picks one from the model's
+heads, or --hf_arch); T5ForConditionalGeneration (v1.0: ReLU, tied head; v1.1 / Flan-T5:
+gated GELU, untied head). Tensors stream one at a time in both directions.
 """
 import sys
 

@@ -1,4 +1,4 @@
-"""The quickstart notebook runs top to bottom at tiny scale."""
+"""The notebooks run top to bottom at tiny scale."""
 import pathlib
 
 import pytest
@@ -6,18 +6,36 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_notebook_runs(data_dir, monkeypatch):
+def _run(name, data_dir, monkeypatch) -> list[dict]:
+  """Executes notebooks/NAME tiny; returns its code cells' outputs (none may be an error)."""
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')
   monkeypatch.setenv('LM_NOTEBOOK_TINY', '1')
   monkeypatch.setenv('LM_NOTEBOOK_DATA_DIR', str(data_dir))
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
-  nb = nbformat.read(ROOT / 'notebooks' / 'quickstart.ipynb', as_version=4)
+  nb = nbformat.read(ROOT / 'notebooks' / name, as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': str(ROOT)}}).execute()
   outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
   assert not [o for o in outputs if o.get('output_type') == 'error']
+  return outputs
+
+
+def _text(outputs) -> str:
+  return ''.join(o.get('text', '') for o in outputs if o.get('output_type') == 'stream')
+
+
+def test_quickstart_notebook_runs(data_dir, monkeypatch):
+  outputs = _run('quickstart.ipynb', data_dir, monkeypatch)
   assert any(o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
              for o in outputs)  # the loss curve
-  text = ''.join(o.get('text', '') for o in outputs if o.get('output_type') == 'stream')
+  text = _text(outputs)
   assert 'best eval loss' in text and 'def ' in text
+
+
+def test_t5_notebook_pretrains_and_decodes_with_beams(data_dir, monkeypatch):
+  text = _text(_run('t5_span_corruption.ipynb', data_dir, monkeypatch))
+  assert 'best eval loss' in text
+  lines = {line.split(':')[0]: line for line in text.splitlines() if ':' in line}
+  assert '<X0>' in lines['input'] and '<X0>' in lines['truth']  # spans were cut out
+  assert 'beams' in lines  # and beam search wrote something back

@@ -1,5 +1,6 @@
 """Sampling: cached greedy equals recomputation; batches, filters, EOS; loading runs; scripts."""
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -25,6 +26,7 @@ from lm.train import checkpoint, partitioning
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@functools.lru_cache(maxsize=None)  # init compiles for ~5 s on CPU: once per style
 def model_and_params(style='llama'):
   c = base_config()
   preset = llama_model if style == 'llama' else gpt2_model
@@ -169,3 +171,36 @@ def test_sample_and_score_scripts_on_a_saved_run(saved_run):
   want = scoring.score(model, saved, [[97, 98, 99]])[0]
   assert got['token_ids'] == [97, 98, 99] and got['token_logprobs'][0] is None
   np.testing.assert_allclose(got['token_logprobs'][1:], want['token_logprobs'][1:], atol=1e-5)
+
+
+def test_fill_masks_with_an_encoder():
+  """An encoder fills each mask with its MLM argmax; ragged prompts pad without changing
+  the fills. An encoder does not generate."""
+  c = base_config('encoder')
+  c.model.update(vocab_size=30, max_len=16, max_positions=16, d_model=32, n_layers=1, n_heads=4)
+  model = get_model(c.model)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.5, s.shape).astype(np.float32),
+                        nn.unbox(param_shapes(model)))
+  mask = 4
+  prompts = [[1, 7, mask, 9, mask, 2], [1, mask, 3]]
+  fills = sampling.fill_masks(model, params, prompts, mask)
+  logits = jax.jit(model.apply, static_argnames='head')(
+      {'params': params}, jnp.asarray([prompts[0]]), head='mlm')[0]
+  assert fills[0] == [int(jnp.argmax(logits[2])), int(jnp.argmax(logits[4]))]
+  assert len(fills[1]) == 1
+  assert sampling.fill_masks(model, params, prompts[1:], mask) == fills[1:]
+  with pytest.raises(ValueError, match='fill_masks'):
+    sampling.generate(model, params, prompts, max_new_tokens=2)
+
+
+def test_bad_beam_settings_are_named():
+  c = base_config()
+  c.model.update(gpt2_model(vocab_size=50, max_len=48, n_layers=1, d_model=32, n_heads=4))
+  model = get_model(c.model)  # checked before the params are used: none needed
+  with pytest.raises(ValueError, match="early_stopping must be True, False or 'never'"):
+    sampling.generate(model, None, [[1, 2]], num_beams=2, early_stopping='soon')
+  with pytest.raises(ValueError, match='num_beams >= 1'):
+    sampling.generate(model, None, [[1, 2]], num_beams=0)
+  with pytest.raises(ValueError, match='context'):  # beams do not slide past the context
+    sampling.generate(model, None, [[1] * 40], max_new_tokens=20, num_beams=2)

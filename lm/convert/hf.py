@@ -1,11 +1,13 @@
-"""Hugging Face checkpoints <-> lm run directories: GPT-2, Llama 2/3, Mistral, Qwen2.
+"""Hugging Face checkpoints <-> lm run directories: GPT-2, Llama 2/3, Mistral, Qwen2,
+BERT and RoBERTa (encoder), T5 (v1.0 and v1.1).
 
 Each architecture is a table of rules. A rule ties HF tensors to lm params (paths in
 the unscanned tree, 'layers_3/attn/query/kernel') with a transform each way: most are
 a transpose and a reshape to heads; GPT-2's fused c_attn is one HF tensor for three lm
 params. A rule with no HF tensor is an lm param that the architecture lacks (a zero
 bias, because lm's use_bias covers all projections at once): it imports as zeros and
-must still be zero to export.
+must still be zero to export. An encoder's optional heads (pooler, MLM head) import when
+the checkpoint holds them and export when the model has them.
 
 Both directions stream: import reads one safetensors tensor per lm param as Orbax
 writes it (lm.convert.lazy); export restores a few params at a time and writes each
@@ -29,7 +31,7 @@ import numpy as np
 
 from lm.convert import safetensors_io as st
 from lm.convert.lazy import LazyTensor
-from lm.config import base_config, gpt2_model, llama_model, resolve
+from lm.config import base_config, gpt2_model, llama_model, resolve, t5_model
 from lm.convert import hf_tokenizers, lazy
 from lm.models import get_model, param_table
 from lm.train import checkpoint
@@ -266,6 +268,223 @@ def _llama_rules(arch: str, m: dict, hf: dict) -> list[Rule]:
   return rules
 
 
+# -- BERT, RoBERTa (family 'encoder') -------------------------------------------------------
+
+# HF prefix of the encoder's tensors; the MLM head's prefix (RoBERTa: lm_head.).
+_ENCODER_PREFIX = {'BertModel': '', 'BertForMaskedLM': 'bert.',
+                   'BertForSequenceClassification': 'bert.', 'RobertaForMaskedLM': 'roberta.'}
+
+
+def _mlm_prefix(arch: str) -> str:
+  return 'lm_head.' if arch.startswith('Roberta') else 'cls.predictions.'
+
+
+def _encoder_to_lm(arch: str, hf: dict) -> dict:
+  why = "lm's encoder is BERT's"
+  _check(hf, 'hidden_act', ('gelu',), 'gelu', 'exact GELU, as BERT')
+  _check(hf, 'position_embedding_type', ('absolute',), 'absolute', 'absolute positions')
+  _check(hf, 'is_decoder', (False,), False, why + ': bidirectional, no cross-attention')
+  _check(hf, 'add_cross_attention', (False,), False, why + ': no cross-attention')
+  _check(hf, 'tie_word_embeddings', (True,), True, 'the MLM decoder is the word embeddings')
+  pos_offset = hf.get('pad_token_id', 1) + 1 if arch.startswith('Roberta') else 0
+  max_positions = hf['max_position_embeddings']
+  num_labels = 0
+  if arch == 'BertForSequenceClassification':
+    num_labels = len(hf.get('id2label') or {}) or hf.get('num_labels', 2)
+  return dict(family='encoder', vocab_size=hf['vocab_size'],
+              max_len=min(512, max_positions - pos_offset), max_positions=max_positions,
+              pos_offset=pos_offset, type_vocab_size=hf.get('type_vocab_size', 2),
+              d_model=hf['hidden_size'], n_layers=hf['num_hidden_layers'],
+              n_heads=hf['num_attention_heads'], d_ff=hf['intermediate_size'],
+              norm_eps=hf.get('layer_norm_eps', 1e-12),
+              pooler=arch in ('BertModel', 'BertForSequenceClassification'),
+              mlm_head=arch.endswith('ForMaskedLM'), num_labels=num_labels,
+              init_std=hf.get('initializer_range', 0.02))
+
+
+def _encoder_heads(arch: str, m: dict, names: set[str]) -> dict:
+  """Heads the checkpoint has beyond its class's: bert-base-uncased (BertForMaskedLM) also
+  holds the pooler, which a classifier fine-tuned from it needs."""
+  p = _ENCODER_PREFIX[arch]
+  return dict(m, pooler=m['pooler'] or p + 'pooler.dense.weight' in names,
+              mlm_head=m['mlm_head'] or _mlm_prefix(arch) + 'bias' in names)
+
+
+def _encoder_to_hf(arch: str, m: dict, base: dict) -> dict:
+  roberta = arch.startswith('Roberta')
+  if roberta and m['pos_offset'] < 1:
+    raise ValueError(f'{arch} positions start after the padding id (model.pos_offset >= 1); '
+                     f'this model has pos_offset={m["pos_offset"]}: export as BertForMaskedLM.')
+  if not roberta and m['pos_offset']:
+    raise ValueError(f'{arch} positions start at 0; this model has model.pos_offset='
+                     f'{m["pos_offset"]}: export as RobertaForMaskedLM.')
+  if arch.endswith('ForMaskedLM') and not m['mlm_head']:
+    raise ValueError(f'{arch} needs the MLM head (model.mlm_head=True); export as BertModel.')
+  if arch == 'BertForSequenceClassification' and not m['num_labels']:
+    raise ValueError(f'{arch} needs a classifier (model.num_labels > 0); export as BertModel.')
+  hf = dict(base, architectures=[arch], model_type=MODEL_TYPES_BY_ARCH[arch],
+            vocab_size=m['vocab_size'], hidden_size=m['d_model'],
+            num_hidden_layers=m['n_layers'], num_attention_heads=m['n_heads'],
+            intermediate_size=m['d_ff'] or 4 * m['d_model'], hidden_act='gelu',
+            max_position_embeddings=m['max_positions'], type_vocab_size=m['type_vocab_size'],
+            layer_norm_eps=m['norm_eps'], initializer_range=m['init_std'],
+            position_embedding_type='absolute', is_decoder=False, add_cross_attention=False,
+            tie_word_embeddings=True)
+  if roberta:
+    hf['pad_token_id'] = m['pos_offset'] - 1
+  if m['num_labels']:
+    labels = {str(k): v for k, v in (base.get('id2label') or {}).items()}
+    if len(labels) != m['num_labels']:
+      labels = {str(i): f'LABEL_{i}' for i in range(m['num_labels'])}
+    hf.update(id2label=labels, label2id={v: int(k) for k, v in labels.items()})
+  return hf
+
+
+def _encoder_rules(arch: str, m: dict, hf: dict) -> list[Rule]:
+  del hf
+  d, n = m['d_model'], m['n_heads']
+  h = d // n
+  T = lambda x: x.T
+  p = _ENCODER_PREFIX[arch]
+
+  def dense(hf_name, lm_name, to_lm=T, to_hf=T, bias_lm=lambda b: b, bias_hf=lambda b: b):
+    return [_one(hf_name + '.weight', lm_name + '/kernel', to_lm, to_hf),
+            _one(hf_name + '.bias', lm_name + '/bias', bias_lm, bias_hf)]
+
+  def norm(hf_name, lm_name):
+    return [_one(hf_name + '.weight', lm_name + '/scale'),
+            _one(hf_name + '.bias', lm_name + '/bias')]
+
+  e = p + 'embeddings.'
+  rules = [_one(e + 'word_embeddings.weight', 'embed'),
+           _one(e + 'position_embeddings.weight', 'pos_embed'),
+           *norm(e + 'LayerNorm', 'embed_norm')]
+  if m['type_vocab_size']:
+    rules.append(_one(e + 'token_type_embeddings.weight', 'type_embed'))
+  for i in range(m['n_layers']):
+    a, q = f'{p}encoder.layer.{i}.', f'layers_{i}/'
+    for name in ('query', 'key', 'value'):  # nn.Linear [out, in] -> [in, heads, head_dim]
+      rules += dense(f'{a}attention.self.{name}', f'{q}attn/{name}',
+                     lambda w: w.T.reshape(d, n, h), lambda k: k.reshape(d, n * h).T,
+                     lambda b: b.reshape(n, h), lambda b: b.reshape(n * h))
+    rules += dense(a + 'attention.output.dense', q + 'attn/out',
+                   lambda w: w.T.reshape(n, h, d), lambda k: k.reshape(n * h, d).T)
+    rules += norm(a + 'attention.output.LayerNorm', q + 'attn_norm')
+    rules += dense(a + 'intermediate.dense', q + 'mlp/wi')
+    rules += dense(a + 'output.dense', q + 'mlp/wo')
+    rules += norm(a + 'output.LayerNorm', q + 'mlp_norm')
+  if m['pooler']:
+    rules += dense(p + 'pooler.dense', 'pooler')
+  if m['mlm_head']:
+    c = _mlm_prefix(arch)
+    c, dense_name, norm_name = ((c, 'dense', 'layer_norm') if arch.startswith('Roberta')
+                                else (c + 'transform.', 'dense', 'LayerNorm'))
+    rules += dense(c + dense_name, 'mlm_dense') + norm(c + norm_name, 'mlm_norm')
+    rules.append(_one(_mlm_prefix(arch) + 'bias', 'mlm_bias'))
+  if m['num_labels']:
+    rules += dense('classifier', 'classifier')
+  return rules
+
+
+def _encoder_rename(name: str) -> str:
+  # Checkpoints from the TensorFlow era name LayerNorm's params gamma and beta.
+  return re.sub(r'LayerNorm\.gamma$', 'LayerNorm.weight',
+                re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', name))
+
+
+def _encoder_family(arch: str) -> Family:
+  # Buffers; the tied MLM decoder (its bias is the head's bias); BERT's next-sentence head.
+  ignore = (r'(position_ids|token_type_ids)$|(cls\.predictions|lm_head)\.decoder\.'
+            r'(weight|bias)$|^cls\.seq_relationship\.')
+  return Family(functools.partial(_encoder_to_lm, arch), functools.partial(_encoder_to_hf, arch),
+                functools.partial(_encoder_rules, arch), ignore=ignore, rename=_encoder_rename,
+                heads=functools.partial(_encoder_heads, arch))
+
+
+# -- T5 (family 'encdec') -------------------------------------------------------------------
+
+_T5_MLPS = {'relu': 'relu', 'gated-gelu': 'gated_gelu', 'gated-gelu_new': 'gated_gelu'}
+
+
+def _t5_to_lm(hf: dict) -> dict:
+  proj = hf.get('feed_forward_proj', 'relu')
+  _check(hf, 'feed_forward_proj', tuple(_T5_MLPS), 'relu',
+         "lm's T5 MLPs are ReLU (v1.0) and gated GELU, tanh approximation (v1.1)")
+  # v1.0 scales the decoder output by d_model**-0.5 and ties the head; v1.1 does neither.
+  # transformers >= 5 writes scale_decoder_outputs (and tie_word_embeddings=True always).
+  scaled = bool(hf.get('scale_decoder_outputs', hf.get('tie_word_embeddings', True)))
+  start = hf.get('decoder_start_token_id')
+  return t5_model(vocab_size=hf['vocab_size'], max_len=hf.get('n_positions') or 512,
+                  d_model=hf['d_model'], n_layers=hf['num_layers'],
+                  n_decoder_layers=hf.get('num_decoder_layers') or hf['num_layers'],
+                  n_heads=hf['num_heads'], head_dim=hf['d_kv'], d_ff=hf['d_ff'],
+                  mlp=_T5_MLPS[proj], tie_embeddings=scaled,
+                  relative_buckets=hf.get('relative_attention_num_buckets', 32),
+                  relative_max_distance=hf.get('relative_attention_max_distance', 128),
+                  norm_eps=hf.get('layer_norm_epsilon', 1e-6),
+                  decoder_start_id=(hf.get('pad_token_id') or 0) if start is None else start,
+                  init_std=hf.get('initializer_factor', 1.0))
+
+
+def _t5_to_hf(m: dict, base: dict) -> dict:
+  d, n = m['d_model'], m['n_heads']
+  gated = m['mlp'] == 'gated_gelu'
+  return dict(base, architectures=['T5ForConditionalGeneration'], model_type='t5',
+              vocab_size=m['vocab_size'], d_model=d, d_kv=m['head_dim'] or d // n,
+              d_ff=m['d_ff'] or 4 * d, num_layers=m['n_layers'],
+              num_decoder_layers=m['n_decoder_layers'] or m['n_layers'], num_heads=n,
+              relative_attention_num_buckets=m['relative_buckets'],
+              relative_attention_max_distance=m['relative_max_distance'],
+              layer_norm_epsilon=m['norm_eps'], initializer_factor=m['init_std'],
+              feed_forward_proj='gated-gelu' if gated else 'relu',
+              dense_act_fn='gelu_new' if gated else 'relu', is_gated_act=gated,
+              tie_word_embeddings=m['tie_embeddings'],
+              scale_decoder_outputs=m['tie_embeddings'],
+              decoder_start_token_id=m['decoder_start_id'], is_encoder_decoder=True)
+
+
+def _t5_rules(m: dict, hf: dict) -> list[Rule]:
+  del hf
+  d, n = m['d_model'], m['n_heads']
+  h = m['head_dim'] or d // n
+  T = lambda x: x.T
+  rules = [_one('shared.weight', 'embed')]
+  if not m['tie_embeddings']:
+    rules.append(_one('lm_head.weight', 'lm_head/kernel', T, T))
+  mlp = ('wi_0', 'wi_1', 'wo') if m['mlp'] == 'gated_gelu' else ('wi', 'wo')
+  for stack, n_layers in (('encoder', m['n_layers']),
+                          ('decoder', m['n_decoder_layers'] or m['n_layers'])):
+    # HF keeps the stack's one bias table in its first layer.
+    rules += [_one(f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
+                   f'{stack}/relative_bias'),
+              _one(f'{stack}.final_layer_norm.weight', f'{stack}/final_norm/scale')]
+    sublayers = [('SelfAttention', 'attn')]
+    if stack == 'decoder':
+      sublayers.append(('EncDecAttention', 'cross_attn'))
+    sublayers.append(('DenseReluDense', 'mlp'))
+    for i in range(n_layers):
+      for j, (hf_name, lm_name) in enumerate(sublayers):
+        p, q = f'{stack}.block.{i}.layer.{j}.', f'{stack}/layers_{i}/'
+        rules.append(_one(p + 'layer_norm.weight', f'{q}{lm_name}_norm/scale'))
+        if lm_name == 'mlp':
+          rules += [_one(f'{p}{hf_name}.{w}.weight', f'{q}mlp/{w}/kernel', T, T) for w in mlp]
+          continue
+        # nn.Linear weights are [out, in]; lm kernels [in, heads, head_dim].
+        rules += [_one(f'{p}{hf_name}.{a}.weight', f'{q}{lm_name}/{b}/kernel',
+                       lambda w: w.T.reshape(d, n, h), lambda x: x.reshape(d, n * h).T)
+                  for a, b in zip('qkv', ('query', 'key', 'value'))]
+        rules.append(_one(f'{p}{hf_name}.o.weight', f'{q}{lm_name}/out/kernel',
+                          lambda w: w.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T))
+  return rules
+
+
+# The stacks' embed_tokens are copies of shared.weight (older transformers saved them);
+# v1.0's lm_head.weight, where saved, is the tied embedding too; the Hub's t5-small and
+# t5-base hold an unused cross-attention bias table (transformers ignores it too).
+_T5_FAMILY_IGNORE = (r'^(encoder|decoder)\.embed_tokens\.weight$|^lm_head\.weight$'
+                     r'|^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias')
+
+
 # -- The table -------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +494,9 @@ class Family:
   rules: Callable[[dict, dict], list[Rule]]  # (config.model fields, config.json) -> rules
   ignore: str = r'$^'  # HF tensors that are buffers, not weights
   rename: Callable[[str], str] = lambda name: name  # HF tensor name -> the name in the rules
+  # (config.model fields, the checkpoint's tensor names) -> fields with the optional heads
+  # the checkpoint holds (an encoder's pooler or MLM head)
+  heads: Callable[[dict, set[str]], dict] = lambda m, names: m
 
 
 def _llama_family(arch: str) -> Family:
@@ -288,15 +510,22 @@ ARCHS = {
     'LlamaForCausalLM': _llama_family('LlamaForCausalLM'),
     'MistralForCausalLM': _llama_family('MistralForCausalLM'),
     'Qwen2ForCausalLM': _llama_family('Qwen2ForCausalLM'),
+    **{arch: _encoder_family(arch) for arch in _ENCODER_PREFIX},
+    'T5ForConditionalGeneration': Family(_t5_to_lm, _t5_to_hf, _t5_rules,
+                                         ignore=_T5_FAMILY_IGNORE),
 }
 MODEL_TYPES_BY_ARCH = {'GPT2LMHeadModel': 'gpt2', 'LlamaForCausalLM': 'llama',
-                       'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2'}
+                       'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2',
+                       # model_type alone (no architectures) picks the last: BertModel
+                       'RobertaForMaskedLM': 'roberta', 'BertForMaskedLM': 'bert',
+                       'BertForSequenceClassification': 'bert', 'BertModel': 'bert',
+                       'T5ForConditionalGeneration': 't5'}
 
 
 def _check(hf, key, allowed, default, why):
   value = hf.get(key, default)
   if value not in allowed:
-    raise ValueError(f"config.json has {key}={value!r}, which lm's decoder cannot express "
+    raise ValueError(f"config.json has {key}={value!r}, which lm cannot express "
                      f"({why}); supported: {', '.join(map(repr, allowed))}.")
 
 
@@ -332,6 +561,13 @@ def architecture(hf: dict) -> str:
 
 def infer_architecture(m: dict) -> str:
   """The HF architecture that a model trained in lm maps onto."""
+  if m.get('family') == 'encdec':
+    return 'T5ForConditionalGeneration'
+  if m.get('family') == 'encoder':
+    if m['pos_offset']:
+      return 'RobertaForMaskedLM'
+    return ('BertForSequenceClassification' if m['num_labels'] else
+            'BertForMaskedLM' if m['mlm_head'] else 'BertModel')
   if (m['pos_embedding'], m['norm'], m['mlp']) == ('learned', 'layernorm', 'gelu'):
     return 'GPT2LMHeadModel'
   if (m['pos_embedding'], m['norm'], m['mlp']) == ('rope', 'rmsnorm', 'swiglu'):
@@ -372,13 +608,13 @@ def _check_coverage(rules, shapes):  # a table bug, never the user's
     raise AssertionError(f'Rules and params differ: {sorted(set(covered) ^ set(shapes))[:6]}')
 
 
-_LAYER = re.compile(r'layers_(\d+)/(.*)')
+_LAYER = re.compile(r'(.*/)?layers_(\d+)/(.*)')  # a prefix for each stack: 'encoder/'
 
 
 def _stored(path: str, scan: bool) -> tuple[str, int | None]:
   """Where an unscanned path lives in the saved tree: (path, layer index or None)."""
   match = _LAYER.fullmatch(path) if scan else None
-  return ('layers/' + match[2], int(match[1])) if match else (path, None)
+  return ((match[1] or '') + 'layers/' + match[3], int(match[2])) if match else (path, None)
 
 
 def _nest(flat: dict) -> dict:
@@ -418,11 +654,11 @@ def import_hf(directory, scan_layers: bool = False) -> tuple[dict, dict, dict]:
   hf = read_hf_config(d)
   arch = architecture(hf)
   family = ARCHS[arch]
-  m = model_config(family.to_lm(hf)).to_dict()
+  infos = {family.rename(k): v for k, v in st.index_directory(d).items()}
+  m = model_config(family.heads(family.to_lm(hf), set(infos))).to_dict()
   rules = family.rules(m, hf)
   shapes = lm_shapes(m)
   _check_coverage(rules, shapes)
-  infos = {family.rename(k): v for k, v in st.index_directory(d).items()}
   expected = hf_shapes(rules, shapes)
   missing = [name for name in expected if name not in infos]
   if missing:
@@ -436,7 +672,8 @@ def import_hf(directory, scan_layers: bool = False) -> tuple[dict, dict, dict]:
     if st.NAMES[info.dtype] not in ('F64', 'F32', 'F16', 'BF16'):
       raise ValueError(f'{d}: tensor {name} is {info.dtype}, not floating point (a quantized '
                        'checkpoint?); convert the unquantized one.')
-  ignore = family.ignore + (r'|^lm_head\.weight$' if m['tie_embeddings'] else '')
+  tied_head = m.get('family', 'decoder') == 'decoder' and m['tie_embeddings']
+  ignore = family.ignore + (r'|^lm_head\.weight$' if tied_head else '')
   extra = [n for n in infos if n not in expected and not re.search(ignore, n)]
   if extra:
     raise ValueError(f'{d}: {len(extra)} tensor(s) have no place in lm\'s {arch} layout: '
@@ -455,7 +692,7 @@ def import_hf(directory, scan_layers: bool = False) -> tuple[dict, dict, dict]:
       if layer is not None:
         stacked.setdefault(where, {})[layer] = leaves.pop(path)
     for where, parts in stacked.items():
-      parts = [parts[i] for i in range(m['n_layers'])]
+      parts = [parts[i] for i in range(len(parts))]  # each stack its own layer count
       leaves[where] = LazyTensor((len(parts),) + tuple(parts[0].shape), F32,
                                  functools.partial(_stack, parts))
   return m, _nest(leaves), hf
@@ -472,7 +709,7 @@ def convert_from_hf(directory, workdir, scan_layers: bool = False, step: int = 0
     raise ValueError(f'The tokenizer in {directory} has {tokenizer.vocab_size} ids but the '
                      f'model\'s vocabulary (config.json vocab_size) has {m["vocab_size"]}: '
                      'they do not belong together.')
-  config = base_config()
+  config = base_config(m.get('family', 'decoder'))
   config.model = model_config(m)
   config.runtime.scan_layers = scan_layers
   # Fine-tuning rebuilds the tokenizer from config.data: point it at this run's copy.
@@ -503,7 +740,8 @@ def _shards(sizes: dict[str, int], max_bytes: int) -> dict[str, list[str]]:
 
 def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None,
               dtype: str = 'float32', max_shard_bytes: int = 5 * 10**9) -> dict:
-  """Writes a HF model directory for AutoModelForCausalLM.from_pretrained; returns its config."""
+  """Writes a HF model directory (from_pretrained of its architecture's class); returns its
+  config.json."""
   import ml_dtypes
   workdir, out = pathlib.Path(workdir), pathlib.Path(out_dir)
   if list(out.glob('*.safetensors*')):  # stale shards or index would mix with the new ones
@@ -588,8 +826,8 @@ def _export_tokenizer(workdir, out, hf: dict) -> None:
   except (FileNotFoundError, ValueError) as e:
     logging.warning('No tokenizer exported: %s', e)
     return
-  for name in ('bos', 'eos', 'pad'):
-    if hf.get(f'{name}_token_id') is None:
+  for name in ('bos', 'eos', 'pad'):  # an explicit null (BERT's bos and eos) stays
+    if f'{name}_token_id' not in hf:
       hf[f'{name}_token_id'] = getattr(tokenizer, f'{name}_id', None)
   if tokenizer.kind in hf_tokenizers.KINDS:
     tokenizer.save(out)

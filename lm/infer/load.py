@@ -3,8 +3,9 @@
     model, params, config, tokenizer = load_run(workdir)             # one device
     model, params, config, tokenizer = load_run(workdir, mesh=mesh)  # sharded
 
-Works for training runs (params are read out of the train state, the optimizer
-state is never read) and for params-only runs (imported or exported models).
+Works for every model family (config.model.family: decoder, encoder, encdec) and
+for training runs (params are read out of the train state, the optimizer state is
+never read) as for params-only runs (imported or exported models).
 """
 from __future__ import annotations
 

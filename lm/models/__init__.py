@@ -8,10 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from lm.models import decoder
+from lm.models import encdec
+from lm.models import encoder
 from lm.ops.backend import Kernels
 
 FAMILIES = {
     'decoder': (decoder.DecoderConfig, decoder.Decoder),
+    'encdec': (encdec.EncDecConfig, encdec.EncDec),
+    'encoder': (encoder.EncoderConfig, encoder.Encoder),
 }
 
 
@@ -38,10 +42,18 @@ def init_params(model: nn.Module, rng, seq_len: int | None = None):
   return jax.jit(model.init)(rng, *inputs)['params']  # jitted: eager init is slow
 
 
-def init_cache(model: nn.Module, batch_size: int, max_len: int):
-  """An empty KV cache for batch_size sequences of up to max_len tokens in all."""
+def init_cache(model: nn.Module, batch_size: int, max_len: int, encoder_len: int | None = None):
+  """An empty KV cache for batch_size sequences of up to max_len tokens in all (an
+  encoder-decoder's decoder tokens; its cross-attention cache holds encoder_len)."""
   tokens = jnp.zeros((batch_size, max_len), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))['cache']
+  init = lambda: model.init(jax.random.key(0), tokens, decode=True)
+  if isinstance(model, encdec.EncDec):
+    if encoder_len is None:
+      raise ValueError('init_cache(model, ...) for an encoder-decoder needs encoder_len '
+                       '(the encoder output length the cross-attention cache holds).')
+    encoded = jnp.zeros((batch_size, encoder_len, model.cfg.d_model), model.cfg.compute_dtype)
+    init = lambda: model.init(jax.random.key(0), tokens, encoded, decode=True, method='decode')
+  shapes = jax.eval_shape(init)['cache']
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 

@@ -47,6 +47,7 @@ class DecoderConfig:
   tie_embeddings: bool = True
   sliding_window: int = 0
   init_std: float = 0.02
+  num_labels: int = 0
   family: str = 'decoder'
   # runtime: free to change between runs and on resume
   embed_dropout: float = 0.0
@@ -154,14 +155,22 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                segment_ids_BT: Array | None = None, deterministic: bool = True,
-               decode: bool = False, return_hidden: bool = False) -> Array:
+               decode: bool = False, return_hidden: bool = False, head: str = 'lm') -> Array:
     """Returns float32 logits [B, T, V] (or the final hidden states [B, T, D]).
 
     segment_ids_BT: packed documents (0 = padding); attention never crosses them.
     positions_BT: positions restarting at each document; defaults to 0..T-1, or in
       decode mode to the running count of tokens already in the cache.
     decode: read and extend the KV cache ('cache' collection, made by init_cache).
+    head: 'lm' (logits), 'hidden' (= return_hidden), or 'classify': float32 logits
+      [B, num_labels] of the 'classifier' on the last non-pad token (segment id > 0) of
+      each row (needs model.num_labels > 0; created at init only then).
     """
+    if head not in ('lm', 'hidden', 'classify'):
+      raise ValueError(f"Unknown decoder head {head!r}; choose lm, hidden or classify.")
+    if head == 'classify' and not self.cfg.num_labels:
+      raise ValueError("head='classify' needs model.num_labels > 0; this model has no "
+                       'classifier.')
     cfg = self.cfg
     b, t = tokens_BT.shape
     if positions_BT is None:
@@ -200,7 +209,18 @@ class Decoder(nn.Module):
 
     x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, cfg.param_dtype_,
                  cfg.kernels, name='final_norm')(x_BTD)
-    if return_hidden:
+    if cfg.num_labels and (head == 'classify' or self.is_initializing()):
+      # The last non-pad token has seen the whole (causal) sequence.
+      last_B = (t - 1 if segment_ids_BT is None else
+                jnp.max(jnp.where(segment_ids_BT > 0, jnp.arange(t), 0), axis=1))
+      last_BD = jnp.take_along_axis(x_BTD, jnp.broadcast_to(last_B, (b,))[:, None, None],
+                                    axis=1)[:, 0]
+      label_logits_BL = Linear((cfg.num_labels,), ('embed', None), 1, True, cfg.init_std,
+                               cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
+                               name='classifier')(last_BD).astype(jnp.float32)
+      if head == 'classify':
+        return label_logits_BL
+    if return_hidden or head == 'hidden':
       return x_BTD
     if cfg.tie_embeddings:
       logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed.astype(cfg.compute_dtype),

@@ -30,24 +30,35 @@ SPEC_PEAK_FLOPS = {
 LOOKUP_TABLES = ('pos_embed', 'type_embed', 'relative_bias')
 
 
-def matmul_params(model) -> int:
+def matmul_params(model, stack: str | None = None) -> int:
+  """Parameters that take part in matmuls; stack: only those under 'encoder' or 'decoder'
+  (an encoder-decoder's), the head counted with the decoder."""
   n = 0
   for path, _, size in models.param_table(model):
     parts = path.split('/')
     if any(p in LOOKUP_TABLES for p in parts) or (
         parts[0] == 'embed' and not getattr(model.cfg, 'tie_embeddings', True)):
       continue
+    if stack is not None and (parts[0] == 'encoder') != (stack == 'encoder'):
+      continue
     n += size
   return n
 
 
 def flops_per_token(model, seq_len: int | None = None) -> float:
-  """6N + 12 L D_attn T; L counts attention layers (an encoder-decoder's cfg says how
-  many: encoder self, decoder self and cross attention)."""
+  """6N + 12 L D_attn T per trained token. An encoder-decoder counts per encoder token,
+  with the decoder's share scaled by max_target_len / max_len (its tokens per encoder
+  token): 6 N_enc + 12 L_enc D S + (T/S) (6 N_dec + 12 L_dec D (T + S))."""
   cfg = model.cfg
   t = seq_len or cfg.max_len
-  layers = getattr(cfg, 'attention_layers', cfg.n_layers)
-  return 6.0 * matmul_params(model) + 12.0 * layers * cfg.n_heads * cfg.head_dim_ * t
+  width = cfg.n_heads * cfg.head_dim_
+  if getattr(cfg, 'family', 'decoder') == 'encdec':
+    ratio = cfg.max_target_len / t
+    enc = 6.0 * matmul_params(model, 'encoder') + 12.0 * cfg.n_layers * width * t
+    dec = (6.0 * matmul_params(model, 'decoder')
+           + 12.0 * cfg.n_decoder_layers_ * width * (cfg.max_target_len + t))
+    return enc + ratio * dec
+  return 6.0 * matmul_params(model) + 12.0 * cfg.n_layers * width * t
 
 
 def speed_report(tokens_per_sec: float, flops_per_token: float, peak: float) -> dict:
@@ -95,8 +106,14 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 10, dtype=jnp.float32,
 
 def peak_flops_per_sec(device=None) -> tuple[float, str]:
   """(peak, how): the spec sheet on GPU/TPU; on CPU a timed float32 matmul, the faster of
-  XLA:CPU's YNNPACK and oneDNN."""
+  XLA:CPU's YNNPACK and oneDNN. Timed once per process and device kind (seconds on CPU)."""
   device = device or jax.devices()[0]
+  return _peak(device.platform, device.device_kind, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _peak(platform: str, kind: str, device) -> tuple[float, str]:
+  del platform, kind  # the cache key: devices of one kind share a peak
   if device.platform != 'cpu':
     kind = device.device_kind
     for name, peak in SPEC_PEAK_FLOPS.items():
