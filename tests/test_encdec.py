@@ -129,7 +129,7 @@ def test_decode_steps_equal_teacher_forcing(scan):
 
 def test_training_with_dropout_and_remat():
   # Attention dropout only: each dropout site costs compile time (embed and residual
-  # dropout are the decoder's Dropout module).
+  # dropout are layers.Dropout).
   cfg = tiny(n_layers=1, n_decoder_layers=1, remat='full', attn_dropout=0.1)
   model = encdec.EncDec(cfg)
   params = random_params(model)

@@ -13,20 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.ops import dropout as dropout_ops
 from lm.ops.backend import Kernels
-from lm.models.layers import Attention, Linear, Mlp, Norm, constrain, normal_init
+from lm.models.layers import (REMAT_POLICIES, Attention, Dropout, Linear, Mlp, Norm,
+                              RuntimeConfig, constrain, normal_init)
 
 Array = jax.Array
 
-REMAT_POLICIES = {
-    'full': None,  # save nothing: recompute the whole block in the backward pass
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(RuntimeConfig):
   """Fields mirror config.model (architecture) and config.runtime (lm/config.py), where each
   is documented, plus the run's kernel choices (lm/ops/backend.py)."""
   vocab_size: int
@@ -49,20 +43,9 @@ class DecoderConfig:
   init_std: float = 0.02
   num_labels: int = 0
   family: str = 'decoder'
-  # runtime: free to change between runs and on resume
-  embed_dropout: float = 0.0
-  attn_dropout: float = 0.0
-  resid_dropout: float = 0.0
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  remat: str = 'none'
-  scan_layers: bool = False
-  kernels: Kernels = Kernels()
 
   def __post_init__(self):
-    if self.vocab_size <= 0:
-      raise ValueError('model.vocab_size must be positive (0 is resolved from the tokenizer '
-                       'by the trainer; set it when building a model by hand).')
+    super().__post_init__()
     if self.d_model % self.n_heads and not self.head_dim:
       raise ValueError(f'model.d_model={self.d_model} is not divisible by model.n_heads='
                        f'{self.n_heads}; change one of them or set model.head_dim.')
@@ -72,8 +55,6 @@ class DecoderConfig:
     if self.pos_embedding not in ('learned', 'rope'):
       raise ValueError(f"model.pos_embedding must be 'learned' or 'rope', got "
                        f'{self.pos_embedding!r}')
-    if self.remat not in ('none', *REMAT_POLICIES):
-      raise ValueError(f"model.remat must be none, full or save_dots, got {self.remat!r}")
 
   @property
   def kv_heads(self) -> int:
@@ -88,14 +69,6 @@ class DecoderConfig:
     return self.d_ff or 4 * self.d_model
 
   @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def param_dtype_(self):
-    return jnp.dtype(self.param_dtype)
-
-  @property
   def rope_scaling_dict(self) -> dict[str, Any] | None:
     d = dict(self.rope_scaling)
     return None if d.get('type', 'none') == 'none' else d
@@ -103,23 +76,9 @@ class DecoderConfig:
   @classmethod
   def from_config(cls, model_config, runtime=None, kernels: Kernels = Kernels()
                   ) -> 'DecoderConfig':
-    fields = dict(model_config)
-    scaling = fields.pop('rope_scaling', {}) or {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    fields.update({k: v for k, v in dict(runtime or {}).items() if k in names})
-    return cls(**fields, rope_scaling=tuple(sorted(dict(scaling).items())), kernels=kernels)
-
-
-class Dropout(nn.Module):
-  """Dropout with a hashed mask (lm/ops/dropout.py): threefry bits are slow on CPU."""
-  rate: float
-  deterministic: bool
-
-  @nn.compact
-  def __call__(self, x):
-    if self.deterministic or self.rate == 0.0:
-      return x
-    return dropout_ops.dropout(x, self.rate, self.make_rng('dropout'))
+    fields = dict(model_config)  # rope_scaling as sorted pairs: hashable for Linen
+    fields['rope_scaling'] = tuple(sorted(dict(fields.get('rope_scaling') or {}).items()))
+    return super().from_config(fields, runtime, kernels)
 
 
 class Block(nn.Module):

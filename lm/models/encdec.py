@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lm.models.decoder import REMAT_POLICIES, Dropout
-from lm.models.layers import Linear, Norm, constrain, normal_init
+from lm.models.layers import (REMAT_POLICIES, Dropout, Linear, Norm, RuntimeConfig,
+                              constrain, normal_init)
 from lm.ops import dropout as dropout_ops
-from lm.ops.backend import Kernels
 
 Array = jax.Array
 MLPS = ('relu', 'gated_gelu')
@@ -39,7 +38,7 @@ _NEG = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN
 
 
 @dataclasses.dataclass(frozen=True)
-class EncDecConfig:
+class EncDecConfig(RuntimeConfig):
   """Fields mirror config.model (lm/config.py MODEL_SCHEMAS['encdec'], documented there)
   and config.runtime, plus the run's kernel choices."""
   vocab_size: int
@@ -59,28 +58,15 @@ class EncDecConfig:
   decoder_start_id: int = 0
   init_std: float = 1.0
   family: str = 'encdec'
-  # runtime
-  embed_dropout: float = 0.0
-  attn_dropout: float = 0.0
-  resid_dropout: float = 0.0
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  remat: str = 'none'
-  scan_layers: bool = False
-  kernels: Kernels = Kernels()
 
   def __post_init__(self):
-    if self.vocab_size <= 0:
-      raise ValueError('model.vocab_size must be positive (0 is resolved from the tokenizer '
-                       'by the trainer; set it when building a model by hand).')
+    super().__post_init__()
     if self.d_model % self.n_heads and not self.head_dim:
       raise ValueError(f'model.d_model={self.d_model} is not divisible by model.n_heads='
                        f'{self.n_heads}; change one of them or set model.head_dim (d_kv).')
     if self.mlp not in MLPS:
       raise ValueError(f'model.mlp must be one of {MLPS} for the encdec family, got '
                        f'{self.mlp!r}')
-    if self.remat not in ('none', *REMAT_POLICIES):
-      raise ValueError(f"runtime.remat must be none, full or save_dots, got {self.remat!r}")
 
   @property
   def head_dim_(self) -> int:
@@ -93,22 +79,6 @@ class EncDecConfig:
   @property
   def n_decoder_layers_(self) -> int:
     return self.n_decoder_layers or self.n_layers
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def param_dtype_(self):
-    return jnp.dtype(self.param_dtype)
-
-  @classmethod
-  def from_config(cls, model_config, runtime=None, kernels: Kernels = Kernels()
-                  ) -> 'EncDecConfig':
-    fields = dict(model_config)
-    names = {f.name for f in dataclasses.fields(cls)}
-    fields.update({k: v for k, v in dict(runtime or {}).items() if k in names})
-    return cls(**fields, kernels=kernels)
 
 
 def relative_bucket(rel: Array, bidirectional: bool, num_buckets: int,

@@ -17,16 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models.decoder import REMAT_POLICIES, Dropout
-from lm.models.layers import Linear, Norm, constrain, dot_product_attention, normal_init
-from lm.ops.backend import Kernels
+from lm.models.layers import (REMAT_POLICIES, Dropout, Linear, Norm, RuntimeConfig,
+                              constrain, dot_product_attention, normal_init)
 
 Array = jax.Array
 HEADS = ('mlm', 'hidden', 'pooled', 'classify')
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(RuntimeConfig):
   """Fields mirror config.model (MODEL_SCHEMAS['encoder'] in lm/config.py, where each is
   documented) and config.runtime, plus the run's kernel choices (lm/ops/backend.py)."""
   vocab_size: int
@@ -44,20 +43,9 @@ class EncoderConfig:
   num_labels: int = 0
   init_std: float = 0.02
   family: str = 'encoder'
-  # runtime: free to change between runs and on resume
-  embed_dropout: float = 0.0
-  attn_dropout: float = 0.0
-  resid_dropout: float = 0.0
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  remat: str = 'none'
-  scan_layers: bool = False
-  kernels: Kernels = Kernels()
 
   def __post_init__(self):
-    if self.vocab_size <= 0:
-      raise ValueError('model.vocab_size must be positive (0 is resolved from the tokenizer '
-                       'by the trainer; set it when building a model by hand).')
+    super().__post_init__()
     if self.d_model % self.n_heads:
       raise ValueError(f'model.d_model={self.d_model} is not divisible by model.n_heads='
                        f'{self.n_heads}; change one of them.')
@@ -70,8 +58,6 @@ class EncoderConfig:
     if self.num_labels and not self.pooler:
       raise ValueError(f'model.num_labels={self.num_labels} needs the pooler (the classifier '
                        'reads the pooled first token): set model.pooler=True.')
-    if self.remat not in ('none', *REMAT_POLICIES):
-      raise ValueError(f"runtime.remat must be none, full or save_dots, got {self.remat!r}")
 
   @property
   def head_dim_(self) -> int:
@@ -82,24 +68,8 @@ class EncoderConfig:
     return self.d_ff or 4 * self.d_model
 
   @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def param_dtype_(self):
-    return jnp.dtype(self.param_dtype)
-
-  @property
   def tie_embeddings(self) -> bool:  # the MLM decoder is always the word embeddings
     return True
-
-  @classmethod
-  def from_config(cls, model_config, runtime=None, kernels: Kernels = Kernels()
-                  ) -> 'EncoderConfig':
-    names = {f.name for f in dataclasses.fields(cls)}
-    fields = dict(model_config)
-    fields.update({k: v for k, v in dict(runtime or {}).items() if k in names})
-    return cls(**fields, kernels=kernels)
 
 
 def gelu(x: Array) -> Array:

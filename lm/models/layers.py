@@ -10,6 +10,7 @@ F mlp, V vocab.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -28,6 +29,61 @@ from lm.ops import norms as norm_ops
 
 Array = jax.Array
 constrain = nn.with_logical_constraint
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block in the backward pass
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+  """What every family's config carries besides its architecture: config.runtime's fields
+  (lm/config.py; free to change between runs and on resume) and the run's kernel choices
+  (lm/ops/backend.py). Subclasses add the architecture fields and call __post_init__."""
+  embed_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: str = 'none'
+  scan_layers: bool = False
+  kernels: Kernels = Kernels()
+
+  def __post_init__(self):
+    if self.vocab_size <= 0:
+      raise ValueError('model.vocab_size must be positive (0 is resolved from the tokenizer '
+                       'by the trainer; set it when building a model by hand).')
+    if self.remat not in ('none', *REMAT_POLICIES):
+      raise ValueError(f"runtime.remat must be none, full or save_dots, got {self.remat!r}")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def param_dtype_(self):
+    return jnp.dtype(self.param_dtype)
+
+  @classmethod
+  def from_config(cls, model_config, runtime=None, kernels: Kernels = Kernels()):
+    """From config.model (architecture), config.runtime (None: defaults) and kernels."""
+    fields = dict(model_config)
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields.update({k: v for k, v in dict(runtime or {}).items() if k in names})
+    return cls(**fields, kernels=kernels)
+
+
+class Dropout(nn.Module):
+  """Dropout with a hashed mask (lm/ops/dropout.py): threefry bits are slow on CPU."""
+  rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    return dropout_ops.dropout(x, self.rate, self.make_rng('dropout'))
 
 
 def normal_init(std: float, axes: tuple[str, ...]):
