@@ -5,7 +5,6 @@ resumes bitwise in the trainer."""
 import json
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
@@ -13,34 +12,23 @@ from lm import models
 from lm.config import base_config
 from lm.data import labeled
 from lm.data.tokenizers import ByteTokenizer
-from lm.train import flops as flops_lib
 from lm.train import metrics as metrics_lib
 from lm.train import tasks, trainer
 
 
 @pytest.fixture(scope='module', autouse=True)
-def _fast_compiles(tmp_path_factory):
-  """Compile time is most of these tests: a persistent XLA cache lets the resumed runs (and
-  tasks on one architecture) reuse executables, and the rbg PRNG compiles the init
-  several times faster than threefry. The process's settings come back afterwards."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_default_prng_impl')
-  old = {k: getattr(jax.config, k) for k in names}
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+def _rbg_prng():
+  """The rbg PRNG compiles the init several times faster than threefry (compiles are most
+  of these tests; tests/conftest.py's session cache covers the repeats). Restored after."""
+  old = jax.config.jax_default_prng_impl
   jax.config.update('jax_default_prng_impl', 'rbg')
-  compilation_cache.reset_cache()
   yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
+  jax.config.update('jax_default_prng_impl', old)
 
 
 @pytest.fixture(autouse=True)
-def _fast_trainer(monkeypatch):
-  # Timing a 2048^2 matmul for MFU and plotting the curve cost seconds per run; untested here.
-  monkeypatch.setattr(flops_lib, 'mesh_peak_flops_per_sec', lambda mesh: (1e12, 'test'))
-  monkeypatch.setattr(metrics_lib, 'plot_losses', lambda workdir: None)
+def _no_plots(monkeypatch):
+  monkeypatch.setattr(metrics_lib, 'plot_losses', lambda workdir: None)  # seconds a run
 
 
 def train_config(family, task, data_dir, steps=6, **model):
