@@ -5,7 +5,8 @@
   python scripts/train.py --config=configs/gpt2_124m.py --compile_only --topology=v5e-8
     -> compile-only: see docs/tpu_compile.md.
   python scripts/benchmark.py --config=configs/gpt2_124m.py --config.runtime.dtype=bfloat16
-    -> tokens/s and MFU on the device at hand (synthetic tokens); not measured yet.
+    -> tokens/s and MFU on the device at hand (synthetic tokens): one H100, 298k tokens/s,
+       MFU 0.26 (docs/performance.md, scripts/gpu_benchmark.sh).
 Training: not run yet (no measured runtime or loss). It needs a GPT-2-sized tokenizer:
 pass --config.data.path, --config.data.tokenizer=sentencepiece and
 --config.data.tokenizer_path=spm.model (scripts/train_tokenizer.py makes one), or start
