@@ -3,7 +3,7 @@
 Each `configs/NAME.py` calls `base_config(family)` and overrides fields. Sections:
 `model` (architecture, one schema per family, saved with the checkpoint and compared on
 resume), `runtime` (dtype, remat, scan, attention, dropout: free to change on resume),
-`task`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, and `init_from`. The returned
+`task`, `peft`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, and `init_from`. The returned
 ConfigDict is locked, so a misspelt `--config.train.stpes=...` is rejected with the valid
 keys near it instead of silently adding a field.
 """
@@ -126,6 +126,33 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       # classification: label names in id order; () = the train data's string labels,
       # sorted (set here by the run, so config.json records the mapping), or int labels
       labels=(),
+      # sft (instruction tuning; lm/data/instruct.py): a Jinja chat template (the text, or
+      # a file holding it); "" -> the tokenizer's own (an imported Hugging Face tokenizer's
+      # chat_template), else the plain default. The loss is on completion / assistant
+      # tokens only. With data.path "" the package's embedded fine-tuning set is used
+      # (lm/data/finetune_sets.py): finetune_examples training examples, finetune_eval
+      # held out.
+      chat_template="",
+      finetune_examples=4000,
+      finetune_eval=200,
+  ))
+
+  # Parameter-efficient fine-tuning (lm/peft.py), from config.init_from's weights:
+  # none (full fine-tuning) | lora | qlora (LoRA over an NF4 base) | prompt | prefix.
+  c.peft = mlc.ConfigDict(dict(
+      method="none",
+      rank=8,  # lora/qlora
+      alpha=16.0,  # scale alpha / rank (rslora: alpha / sqrt(rank))
+      rslora=False,
+      dropout=0.0,  # on the adapter's input
+      # regex (re.search) over the projections' module paths, e.g. layers_0/attn/query,
+      # layers_3/mlp/wi_0 (scanned: layers/attn/query)
+      targets=r"attn/(query|key|value|out)$",
+      num_virtual_tokens=16,  # prompt / prefix length
+      prompt_init="vocab",  # prompt: vocab (embeddings of random tokens) | random
+      prefix_hidden=0,  # prefix: the reparameterisation MLP's width; 0 -> d_model
+      nf4_block=64,  # qlora: weights per absmax block (double-quantised per 256 blocks)
+      train_also=r"classifier",  # regex of other params trained too (new heads), "" none
   ))
 
   # Data: read by lm.data (sources.py, tokenizers.py, pipeline.py).

@@ -35,15 +35,18 @@ def main(argv):
     from lm.data import pipeline
     print(json.dumps({'data_tokens_per_sec': pipeline.measure_throughput(config)}))
     return
+  from lm.train import flops, trainer
+  if config.init_from:  # fine-tuning: the source's architecture (its weights are not read)
+    config = trainer.init_source(config, lambda _: None)[0]
   if config.model.vocab_size == 0:
     config = lm_config.resolve(config)
-  from lm.train import flops, trainer
   setup = trainer.build(config)
   # The peak first: its buffers would otherwise displace the step's in the kept heap
   # (host_memory) and fault ~1 GB back in on each of the next few steps.
   peak, how = flops.mesh_peak_flops_per_sec(setup.mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
-  b, t, v = config.train.batch_size, config.model.max_len, config.model.vocab_size
+  (b, t), v = setup.task.batch_spec()['inputs'][0], config.model.vocab_size  # (prompt
+  # tuning's rows are shorter by its soft prompt)
   rng = np.random.default_rng(0)
   def batch():
     x = rng.integers(0, v, (b, t + 1), dtype=np.int32)
@@ -98,7 +101,8 @@ def main(argv):
       'device': jax.devices()[0].device_kind, 'num_devices': len(setup.mesh.devices.flat),
       'warmup_steps': warmup, 'steps': steps, 'steps_per_call': k,
       'seconds_per_step': seconds / steps, 'page_faults_per_step': faults / steps,
-      'peak_how': how}))
+      'peak_how': how,
+      'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
   print(json.dumps(flops.speed_report(tokens_per_sec, fpt, peak)))
 
 

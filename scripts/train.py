@@ -77,7 +77,7 @@ def main(argv):
   result = trainer.train(config, _WORKDIR.value)
   if result['config'].train.sample_prompt and jax.process_index() == 0:
     from lm.infer import sampling
-    print(sampling.sample_text(result['setup'].model, result['state']['params'],
+    print(sampling.sample_text(result['setup'].model, trainer.full_params(result['state']),
                                result['tokenizer'], result['config'].train.sample_prompt,
                                max_new_tokens=result['config'].train.sample_tokens,
                                temperature=0.8, top_k=0, seed=result['config'].train.seed))

@@ -1,5 +1,6 @@
 """The notebooks run top to bottom at tiny scale."""
 import pathlib
+import re
 
 import pytest
 
@@ -39,3 +40,15 @@ def test_t5_notebook_pretrains_and_decodes_with_beams(data_dir, monkeypatch):
   lines = {line.split(':')[0]: line for line in text.splitlines() if ':' in line}
   assert '<X0>' in lines['input'] and '<X0>' in lines['truth']  # spans were cut out
   assert 'beams' in lines  # and beam search wrote something back
+
+
+def test_lora_notebook_finetunes_and_exports_to_peft(data_dir, monkeypatch):
+  for module in ('tokenizers', 'torch', 'transformers', 'peft'):  # tiny mode's HF model, PEFT
+    pytest.importorskip(module)
+  text = _text(_run('lora_finetune.ipynb', data_dir, monkeypatch))
+  assert re.search(r'^exact match before: [\d.]+ on 8 held-out', text, re.M)
+  assert re.search(r'^exact match after: [\d.]+ on 8 held-out', text, re.M)
+  assert re.search(r"^PEFT adapter: .*'q_proj'.*'up_proj'", text, re.M)  # attention and MLP
+  for name in ('peft', 'merged'):  # PEFT's adapter on the exported base; the merged export
+    diff = re.search(rf'^{name} max logit difference: (\S+)$', text, re.M)
+    assert diff and float(diff[1]) < 1e-4, text[-2000:]

@@ -55,7 +55,14 @@ def _decoder_start(model, params, tokens_BP, lengths_B, max_new_tokens, rows_per
   col_P = jnp.arange(p)
   seg_BP = (col_P[None, :] >= pad_B[:, None]).astype(jnp.int32)
   pos_BP = jnp.maximum(col_P[None, :] - pad_B[:, None], 0)
-  logits, v = model.apply({'params': params, 'cache': models.init_cache(model, b, cache_len)},
+  cache = models.init_cache(model, b, cache_len)
+  adapters = model.cfg.kernels.adapters
+  if adapters is not None and adapters.method == 'prompt':  # the soft prompt first
+    _, v = model.apply({'params': params, 'cache': cache},
+                       jnp.zeros((b, adapters.num_prefix), jnp.int32), decode=True, prime=True,
+                       mutable=('cache',))
+    cache = v['cache']
+  logits, v = model.apply({'params': params, 'cache': cache},
                           tokens_BP, positions_BT=pos_BP, segment_ids_BT=seg_BP, decode=True,
                           mutable=('cache',))
   lengths_N = jnp.repeat(lengths_B, rows_per_prompt)

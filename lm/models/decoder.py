@@ -89,14 +89,14 @@ class Block(nn.Module):
   scanned: bool = False  # nn.scan wants (carry, output)
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, prefix_2PKH=None):
     cfg = self.cfg
     resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's residual scaling
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype,
                              cfg.param_dtype_, cfg.kernels, name=name)
     drop = Dropout(cfg.resid_dropout, self.deterministic)
     h = Attention(cfg, resid_std, self.deterministic, self.decode, name='attn')(
-        norm('attn_norm')(x_BTD), positions_BT, segment_ids_BT)
+        norm('attn_norm')(x_BTD), positions_BT, segment_ids_BT, prefix_2PKH)
     x_BTD, y_BTD = norm('mlp_norm')(x_BTD, residual=drop(h))  # x + drop(h), its norm
     x_BTD = x_BTD + drop(Mlp(cfg, resid_std, name='mlp')(y_BTD))
     x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
@@ -114,7 +114,8 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                segment_ids_BT: Array | None = None, deterministic: bool = True,
-               decode: bool = False, return_hidden: bool = False, head: str = 'lm') -> Array:
+               decode: bool = False, return_hidden: bool = False, head: str = 'lm',
+               prime: bool = False) -> Array:
     """Returns float32 logits [B, T, V] (or the final hidden states [B, T, D]).
 
     segment_ids_BT: packed documents (0 = padding); attention never crosses them.
@@ -124,6 +125,13 @@ class Decoder(nn.Module):
     head: 'lm' (logits), 'hidden' (= return_hidden), or 'classify': float32 logits
       [B, num_labels] of the 'classifier' on the last non-pad token (segment id > 0) of
       each row (needs model.num_labels > 0; created at init only then).
+    prime: prompt tuning at decode time: runs the soft prompt alone into the fresh cache
+      (lm/infer/sampling.py does, before the prefill); tokens_BT gives the batch size.
+
+    Prompt tuning (Kernels.adapters, lm/peft.py) puts P soft-prompt embeddings before the
+    tokens of every row (segment -1, which every example may attend to; the examples'
+    positions shift by P); prefix tuning gives each layer's attention P learned keys and
+    values before the row's. Logits are the tokens' alone.
     """
     if head not in ('lm', 'hidden', 'classify'):
       raise ValueError(f"Unknown decoder head {head!r}; choose lm, hidden or classify.")
@@ -132,6 +140,7 @@ class Decoder(nn.Module):
                        'classifier.')
     cfg = self.cfg
     b, t = tokens_BT.shape
+    positions_given = positions_BT is not None
     if positions_BT is None:
       start = 0
       if decode:
@@ -144,6 +153,30 @@ class Decoder(nn.Module):
     embed = self.param('embed', normal_init(cfg.init_std, ('vocab', 'embed')),
                        (cfg.vocab_size, cfg.d_model), cfg.param_dtype_)
     x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    adapters = cfg.kernels.adapters
+    method = adapters.method if adapters is not None else 'none'
+    p = adapters.num_prefix if adapters is not None else 0
+    if method == 'prompt':
+      soft_PD = self.param('soft_prompt', nn.with_logical_partitioning(
+          lambda rng, shape, dtype: jnp.take(embed, jax.random.randint(
+              rng, shape[:1], 0, cfg.vocab_size), axis=0).astype(dtype)
+          if adapters.prompt_init == 'vocab' else nn.initializers.normal(cfg.init_std)(
+              rng, shape, dtype), (None, 'embed')), (p, cfg.d_model), cfg.param_dtype_)
+      soft_BPD = jnp.broadcast_to(soft_PD.astype(cfg.compute_dtype), (b, p, cfg.d_model))
+      if prime:  # the soft prompt alone into the cache (positions 0..P-1 from the counter)
+        if t != p:
+          raise ValueError(f'prime takes tokens of shape [B, {p}] (the soft prompt length).')
+        x_BTD, segment_ids_BT = soft_BPD, jnp.full((b, p), -1, jnp.int32)
+      else:
+        if positions_given or not decode:  # (the cache counter already counts the prompt)
+          positions_BT = positions_BT + p
+        if not decode or self.is_initializing():  # (init: a cache that holds P more)
+          seg_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
+          x_BTD = jnp.concatenate([soft_BPD, x_BTD], axis=1)
+          positions_BT = jnp.concatenate(
+              [jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), positions_BT], axis=1)
+          segment_ids_BT = jnp.concatenate([jnp.full((b, p), -1, jnp.int32), seg_BT], axis=1)
+    prefix_L2PKH = self._prefix(p) if method == 'prefix' else None
     if cfg.pos_embedding == 'learned':
       pos_embed = self.param('pos_embed', normal_init(cfg.init_std, ('length', 'embed')),
                              (cfg.max_len, cfg.d_model), cfg.param_dtype_)
@@ -154,17 +187,20 @@ class Decoder(nn.Module):
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    extra = () if prefix_L2PKH is None else (prefix_L2PKH,)  # each layer's prefix
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
                        split_rngs={'params': True, 'dropout': True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                       metadata_params={nn.PARTITION_NAME: 'layers'})
+                       in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(extra),
+                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BTD, _ = layers(cfg, deterministic, decode, scanned=True, name='layers')(
-          x_BTD, positions_BT, segment_ids_BT)
+          x_BTD, positions_BT, segment_ids_BT, *extra)
     else:
       for i in range(cfg.n_layers):
         x_BTD = block(cfg, deterministic, decode, name=f'layers_{i}')(
-            x_BTD, positions_BT, segment_ids_BT)
+            x_BTD, positions_BT, segment_ids_BT, *(e[i] for e in extra))
+    if x_BTD.shape[1] != t:  # the soft prompt's positions carry no logits
+      x_BTD, segment_ids_BT = x_BTD[:, -t:], segment_ids_BT[:, -t:]
 
     x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, cfg.param_dtype_,
                  cfg.kernels, name='final_norm')(x_BTD)
@@ -189,3 +225,22 @@ class Decoder(nn.Module):
                           cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
                           name='lm_head')(x_BTD).astype(jnp.float32)
     return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
+
+  def _prefix(self, p: int) -> Array:
+    """Prefix tuning's keys and values [L, 2, P, K, H]: from prefix_embed [P, D] through
+    a tanh MLP (the paper's reparameterisation, which steadies training), or, folded
+    (lm/peft.py fold_prefix), the keys and values it produced."""
+    cfg, ad = self.cfg, self.cfg.kernels.adapters
+    shape = (cfg.n_layers, 2, p, cfg.kv_heads, cfg.head_dim_)
+    if ad.folded:
+      return self.param('prefix_kv', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('layers', None, None, 'kv_heads', 'head_dim')), shape,
+          cfg.param_dtype_).astype(cfg.compute_dtype)
+    embed_PD = self.param('prefix_embed', normal_init(cfg.init_std, (None, 'embed')),
+                          (p, cfg.d_model), cfg.param_dtype_)
+    dense = lambda f, axes, name: Linear((f,), axes, 1, True, cfg.init_std, cfg.compute_dtype,
+                                         cfg.param_dtype_, kernels=cfg.kernels, name=name)
+    h_PF = jnp.tanh(dense(ad.prefix_hidden or cfg.d_model, ('embed', 'mlp'), 'prefix_in')(
+        embed_PD))
+    kv_PE = dense(math.prod(shape) // p, ('mlp', None), 'prefix_out')(h_PF)
+    return kv_PE.reshape((p,) + shape[:2] + shape[3:]).transpose(1, 2, 0, 3, 4)

@@ -134,10 +134,19 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, weights_only: bool = False):
-    """act(x @ kernel (+ bias)); with weights_only, (kernel, bias or None) for x's shape."""
+    """act(x @ kernel (+ bias)); with weights_only, (kernel, bias or None) for x's shape.
+
+    With LoRA on this module (Kernels.adapters, lm/peft.py): + scale * x @ lora_a @ lora_b,
+    and with QLoRA the kernel is stored in NF4 and dequantised here."""
     in_shape = x.shape[x.ndim - self.in_dims:]
-    kernel = self.param('kernel', normal_init(self.init_std, self.axes),
-                        in_shape + tuple(self.features), self.param_dtype)
+    shape = in_shape + tuple(self.features)
+    adapters = self.kernels.adapters
+    lora = adapters is not None and adapters.targets_module(self.scope.path)
+    if lora and adapters.method == 'qlora':
+      kernel = self._nf4_kernel(shape, adapters.nf4_block)
+    else:
+      kernel = self.param('kernel', normal_init(self.init_std, self.axes), shape,
+                          self.param_dtype)
     bias = None
     if self.use_bias:
       bias = self.param(
@@ -147,9 +156,41 @@ class Linear(nn.Module):
       return kernel, bias
     if self.activation not in ('none', 'gelu'):
       raise ValueError(f"Linear.activation must be 'none' or 'gelu', got {self.activation!r}")
-    return contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims,
-                    None if bias is None else bias.astype(self.dtype),
-                    gelu=self.activation == 'gelu', cpu=self.kernels.cpu_ops)
+    if not lora:
+      return contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims,
+                      None if bias is None else bias.astype(self.dtype),
+                      gelu=self.activation == 'gelu', cpu=self.kernels.cpu_ops)
+    y = contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims,
+                 None if bias is None else bias.astype(self.dtype), cpu=self.kernels.cpu_ops)
+    r, n_in = adapters.rank, self.in_dims
+    # A as LoRA's reference code (kaiming-uniform, a=sqrt(5): bound 1/sqrt(fan_in)), B zero.
+    a = self.param('lora_a', nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform', in_axis=tuple(
+            range(n_in)), out_axis=n_in), self.axes[:n_in] + (None,)),
+        in_shape + (r,), self.param_dtype)
+    b = self.param('lora_b', nn.with_logical_partitioning(
+        nn.initializers.zeros, (None,) + self.axes[n_in:]), (r,) + tuple(self.features),
+        self.param_dtype)
+    # LoRA dropout where the step passes a dropout rng (training; lm/train/trainer.py).
+    h = Dropout(adapters.dropout, not self.has_rng('dropout'))(x).astype(self.dtype)
+    delta = contract(contract(h, a.astype(self.dtype), n_in), b.astype(self.dtype), 1)
+    y = y + (adapters.scale * delta).astype(y.dtype)
+    return activation_ops.gelu_tanh(y) if self.activation == 'gelu' else y
+
+  def _nf4_kernel(self, shape, block: int) -> Array:
+    """The kernel from its NF4 params (lm/ops/nf4.py), in the compute dtype. The params are
+    created from a random kernel at init; QLoRA runs load them from the base
+    (peft.quantize_base). Codes and absmax shard over fsdp by blocks."""
+    from lm.ops import nf4
+    specs = nf4.quantized_shapes(shape, block)
+    make = lambda rng: nf4.quantize(nn.initializers.normal(self.init_std)(rng, shape), block)
+    q = {}
+    for name, (s, dtype) in specs.items():
+      axes = ('nf4_blocks',) + (None,) * (len(s) - 1) if name in ('codes', 'absmax_q') else (
+          (None,) * len(s))
+      q[name] = self.param(f'nf4_{name}', nn.with_logical_partitioning(
+          lambda rng, *_, name=name: make(rng)[name], axes), s, dtype)
+    return nf4.dequantize(q, shape, self.dtype)
 
 
 def fused_projections(x_BTD: Array, linears: list[Linear], dtype, cpu: bool):
@@ -238,10 +279,11 @@ def attention_mask(q_pos_BT: Array, k_pos_BS: Array, q_seg_BT: Array, k_seg_BS: 
   """Causal + same-segment (+ sliding window) mask [B, 1, T, S], True = attend.
 
   Positions here are indices in the packed row (or the cache), not RoPE positions.
-  Padding has segment 0 and only attends to padding, so no row is fully masked.
+  Padding has segment 0 and only attends to padding, so no row is fully masked. Keys of
+  segment -1 (a soft prompt or prefix, lm/peft.py) are seen by every query after them.
   """
   mask = (q_pos_BT[:, :, None] >= k_pos_BS[:, None, :])
-  mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+  mask &= (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) | (k_seg_BS[:, None, :] == -1)
   if sliding_window:
     mask &= q_pos_BT[:, :, None] - k_pos_BS[:, None, :] < sliding_window
   return mask[:, None]
@@ -302,7 +344,9 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
+  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None,
+               prefix_2PKH: Array | None = None) -> Array:
+    """prefix_2PKH: prefix tuning's keys and values, before the row's (or the cache's)."""
     cfg = self.cfg
     dtype = cfg.compute_dtype
     b, t = x_BTD.shape[:2]
@@ -341,7 +385,23 @@ class Attention(nn.Module):
       k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
     kernel_seg_BT = None  # segment ids, when causal + same segment (+ window) is the whole mask
-    if self.decode:
+    if prefix_2PKH is not None:  # keys/values every token attends to, before its own
+      p = prefix_2PKH.shape[1]
+      pk_BPKH, pv_BPKH = (jnp.broadcast_to(x.astype(k_BTKH.dtype), (b,) + x.shape)
+                          for x in prefix_2PKH)
+      if self.decode:
+        k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)
+        mask_B1TS = jnp.concatenate([jnp.ones((b, 1, t, p), bool), mask_B1TS], axis=-1)
+      else:
+        k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask_B1TS = attention_mask(idx_BT + p, jnp.broadcast_to(jnp.arange(p + t), (b, p + t)),
+                                   seg_BT, jnp.concatenate([jnp.full((b, p), -1), seg_BT], 1),
+                                   cfg.sliding_window)
+      k_BSKH = jnp.concatenate([pk_BPKH, k_BSKH.astype(k_BTKH.dtype)], axis=1)
+      v_BSKH = jnp.concatenate([pv_BPKH, v_BSKH.astype(v_BTKH.dtype)], axis=1)
+      is_causal = False
+    elif self.decode:
       k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)
       is_causal = False
     else:
@@ -352,7 +412,8 @@ class Attention(nn.Module):
         idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask_B1TS = attention_mask(idx_BT, idx_BT, seg_BT, seg_BT, cfg.sliding_window)
         is_causal = True  # already in the mask; lets attention skip the upper triangle
-      kernel_seg_BT = seg_BT
+      if cfg.kernels.adapters is None or not cfg.kernels.adapters.num_prefix:
+        kernel_seg_BT = seg_BT  # (a soft prompt's segment -1 is not the kernels' mask)
 
     rng = self._dropout_rng()
     out_BTNH = dot_product_attention(

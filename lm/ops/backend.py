@@ -36,6 +36,7 @@ class Kernels:
   fused_adamw: AdamW as one C++ op (lm/ops/cpu_adamw.py).
   platform: 'cpu', 'gpu' or 'tpu', of the mesh's devices.
   mesh: the run's mesh, for kernels that must be wrapped in shard_map (splash).
+  adapters: lm.peft.Adapters (LoRA, QLoRA, prompt or prefix tuning) or None.
   """
   attention: str = 'xla'
   cpu_ops: bool = False
@@ -43,13 +44,15 @@ class Kernels:
   fused_adamw: bool = False
   platform: str = 'cpu'
   mesh: Any = None
+  adapters: Any = None
 
 
-def select(runtime, mesh, *, adapters: bool = False) -> Kernels:
+def select(runtime, mesh, *, adapters=None) -> Kernels:
   """The run's choices from its runtime config and mesh (see Kernels).
 
-  adapters: LoRA deltas or quantized weights hook into each projection (Linear), so
-  kernels that fuse several projections are off.
+  adapters: lm.peft.Adapters or None. LoRA deltas and NF4 weights hook into each
+  projection (Linear), so kernels that fuse several projections are off; prompt and prefix
+  tuning add keys every example attends to, so attention takes the masked XLA path.
   """
   if runtime.attention not in ATTENTION:
     raise ValueError(f"runtime.attention must be one of {', '.join(ATTENTION)}; got "
@@ -70,8 +73,11 @@ def select(runtime, mesh, *, adapters: bool = False) -> Kernels:
   elif (attention == 'cpu' and not cpp) or (attention == 'splash' and platform != 'tpu') or (
       attention == 'cudnn' and platform != 'gpu'):
     attention = 'xla'  # asked for a kernel this backend does not have
-  return Kernels(attention=attention, cpu_ops=cpp, fused_qkv=one_cpu and not adapters,
-                 fused_adamw=cpp, platform=platform, mesh=None if one_cpu else mesh)
+  if adapters is not None and adapters.num_prefix and attention in ('cpu', 'splash'):
+    attention = 'xla'
+  return Kernels(attention=attention, cpu_ops=cpp, fused_qkv=one_cpu and adapters is None,
+                 fused_adamw=cpp, platform=platform, mesh=None if one_cpu else mesh,
+                 adapters=adapters)
 
 
 def compiler_options(runtime, kernels: Kernels) -> dict | None:

@@ -51,6 +51,7 @@ import time
 from typing import Any
 
 from lm import models
+from lm import peft as peft_lib
 from lm.train import flops as flops_lib
 from lm.train import trainer
 
@@ -292,7 +293,10 @@ def compile_report(config, topology: str, num_slices: int = 1,
       'topology': topology, 'num_slices': num_slices, 'devices': len(devices),
       'device_kind': devices[0].device_kind, 'mesh': dict(setup.mesh.shape),
       'batch_size': config.train.batch_size, 'seq_len': config.model.max_len,
-      'num_params': models.count_params(setup.abstract_state['params']),
+      'num_params': models.count_params(trainer.full_params(setup.abstract_state)),
+      'trainable_params': models.count_params(setup.abstract_state['params']),
+      'peft': config.peft.method,
+      'frozen_bytes': peft_lib.nbytes(setup.abstract_state.get('frozen', {})),
       'dtype': _runtime(config).dtype, 'remat': _runtime(config).remat,
       'scan_layers': bool(_runtime(config).scan_layers),
       'microbatches': config.train.microbatches,

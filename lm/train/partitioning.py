@@ -33,6 +33,7 @@ LOGICAL_RULES = (
     ('mlp', 'tensor'),
     ('norm', None),
     ('layers', None),
+    ('nf4_blocks', 'fsdp'),  # NF4 codes and absmax (QLoRA), by blocks of 64 weights
 )
 
 

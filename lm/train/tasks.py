@@ -50,8 +50,11 @@ class Task:
     return None
 
   def row_length(self) -> int:
-    """Tokens per packed row that the data pipeline cuts (model.max_len for most tasks)."""
-    return self.config.model.max_len
+    """Tokens per packed row that the data pipeline cuts: model.max_len (less a soft
+    prompt's length with prompt tuning, which the model puts before every row)."""
+    peft = self.config.get('peft')
+    prompt = peft.num_virtual_tokens if peft is not None and peft.method == 'prompt' else 0
+    return self.config.model.max_len - prompt
 
   def data_iter(self, tokenizer, split: str, num_batches: int | None = None):
     """This process's batches (dicts of numpy arrays, keys as batch_spec): for split
@@ -101,7 +104,7 @@ class CausalLM(Task):
   name = 'causal_lm'
 
   def batch_spec(self):
-    shape = (self.config.train.batch_size, self.config.model.max_len)
+    shape = (self.config.train.batch_size, self.row_length())
     return dict(inputs=(shape, np.int32), targets=(shape, np.int32),
                 segment_ids=(shape, np.int32), positions=(shape, np.int32),
                 weights=(shape, np.float32))
@@ -510,3 +513,4 @@ def get_task(config) -> Task:
   if name not in TASKS:
     raise ValueError(f'Unknown task.name {name!r}; known: {sorted(TASKS)}.')
   return TASKS[name](config)
+from lm.train import sft  # noqa: E402,F401  (registers task sft)

@@ -24,6 +24,7 @@ from lm import config as lm_config
 from lm import data as lm_data
 from lm.convert import hf, hf_tokenizers
 from lm import models
+from lm import peft as peft_lib
 from lm.train import checkpoint as ckpt_lib
 from lm.train import flops as flops_lib
 from lm.train import host_memory
@@ -51,33 +52,60 @@ class Setup:
   # call (None when train.steps_per_call is 1).
   train_steps: Callable | None
   eval_step: Callable  # (params, extra, batch) -> the task's eval stats (sums)
+  adapters: peft_lib.Adapters | None = None  # config.peft (None: every param trains)
 
   @property
   def batch_keys(self) -> tuple[str, ...]:
     return tuple(self.task.batch_spec())
 
 
-def needs_dropout(runtime) -> bool:
-  return any(runtime[k] > 0 for k in runtime if k.endswith('dropout'))
+def needs_dropout(runtime, peft=None) -> bool:
+  lora_dropout = peft is not None and peft.method in ('lora', 'qlora') and peft.dropout > 0
+  return lora_dropout or any(runtime[k] > 0 for k in runtime if k.endswith('dropout'))
+
+
+def full_params(state):
+  """The model's params: the trained ones, with the frozen base where there is one."""
+  if 'frozen' not in state:
+    return state['params']
+  return peft_lib.combine(state['params'], state['frozen'])
+
+
+def saved_state(state):
+  """What a checkpoint keeps: the state without the frozen base (it is config.init_from's;
+  an adapter run's checkpoints hold the adapters and their optimizer state alone)."""
+  return {k: v for k, v in state.items() if k != 'frozen'}
 
 
 def build(config, devices=None) -> Setup:
   """Mesh, kernels, model, task, optimizer, shardings and the jitted steps for a resolved
   config. devices: those of the mesh (default: all; a TPU topology's for AOT compiles)."""
   mesh = partitioning.make_mesh(config.mesh, devices)
-  kernels = backend.select(config.runtime, mesh)
+  adapters = peft_lib.from_config(config.peft)
+  if adapters is not None and adapters.num_prefix and config.model.family != 'decoder':
+    raise ValueError(f'peft.method={adapters.method} is built for the decoder family; for '
+                     f'{config.model.family} use lora or qlora.')
+  kernels = backend.select(config.runtime, mesh, adapters=adapters)
   model = models.get_model(config.model, config.runtime, kernels)
   task = tasks.get_task(config)
   seq_len = config.model.max_len
   boxed_params = models.param_shapes(model)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, nn.unbox(boxed_params))
-  fused_update = optim.fused_update(config.optimizer, schedule, nn.unbox(boxed_params), kernels)
+  peft_lib.check_targets(boxed_params, adapters)
+  # With adapters only they (and peft.train_also) train: the optimizer sees them alone.
+  split = ((lambda p: (p, None)) if adapters is None else
+           (lambda p: peft_lib.partition(p, config.peft.train_also)))
+  trained_shapes = nn.unbox(split(boxed_params)[0])
+  tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, trained_shapes)
+  fused_update = optim.fused_update(config.optimizer, schedule, trained_shapes, kernels)
 
   def init_boxed(rng):
-    params = model.init(rng, *models.example_inputs(model, 1, seq_len))['params']
+    full = model.init(rng, *models.example_inputs(model, 1, seq_len))['params']
+    params, frozen = split(full)
     state = dict(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                  rng=jax.random.PRNGKey(0))  # replaced in init_state
-    extra = task.init_extra(params)
+    if frozen is not None:
+      state['frozen'] = frozen
+    extra = task.init_extra(full)
     if extra:  # only tasks with extra state have the key (older checkpoints lack it)
       state['extra'] = extra
     return state
@@ -104,10 +132,12 @@ def build(config, devices=None) -> Setup:
   def init_extra(params):  # for params that come from elsewhere (init_from)
     return task.init_extra(params) if has_extra else None
 
-  deterministic = not needs_dropout(config.runtime)
+  deterministic = not needs_dropout(config.runtime, config.peft)
   micro = config.train.microbatches
 
-  def loss_fn(params, extra, batch, rng):
+  def loss_fn(params, frozen, extra, batch, rng):  # gradients for params alone
+    if frozen is not None:
+      params = peft_lib.combine(params, frozen)
     s, w, aux = task.loss(model, params, extra, batch, rng, deterministic)
     return s, (w, aux)
 
@@ -116,17 +146,21 @@ def build(config, devices=None) -> Setup:
   def train_step(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
     params, extra = state['params'], state.get('extra')
+    grad_fn_ = functools.partial(grad_fn, frozen=state.get('frozen'))
     with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
       if micro == 1:
-        (loss_sum, (weight_sum, aux)), grads = grad_fn(params, extra, batch, rng)
+        (loss_sum, (weight_sum, aux)), grads = grad_fn_(params, extra=extra, batch=batch,
+                                                        rng=rng)
       else:  # accumulate sums over microbatches: exactly the big batch's mean
         split = jax.tree.map(lambda x: x.reshape((micro, -1) + x.shape[1:]), batch)
         def body(carry, mb_and_i):
           mb, i = mb_and_i
-          (s, (w, aux)), g = grad_fn(params, extra, mb, jax.random.fold_in(rng, i))
+          (s, (w, aux)), g = grad_fn_(params, extra=extra, batch=mb,
+                                      rng=jax.random.fold_in(rng, i))
           return jax.tree.map(jnp.add, carry, (s, w, aux, g)), None
         first = jax.tree.map(lambda x: x[0], split)
-        shapes = jax.eval_shape(grad_fn, params, extra, first, rng)
+        shapes = jax.eval_shape(lambda p: grad_fn_(p, extra=extra, batch=first, rng=rng),
+                                params)
         (_, (_, aux_shapes)), _ = shapes
         init = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, aux_shapes),
                 jax.tree.map(jnp.zeros_like, params))
@@ -175,9 +209,10 @@ def build(config, devices=None) -> Setup:
                                compiler_options=options),
       train_steps=train_steps,
       eval_step=flops_lib.jit(eval_step,
-                              in_shardings=(state_shardings['params'],
+                              in_shardings=(full_params(state_shardings),
                                             state_shardings.get('extra'), batch_shardings),
-                              out_shardings=repl, compiler_options=options))
+                              out_shardings=repl, compiler_options=options),
+      adapters=adapters)
 
 
 def global_batch(setup: Setup, local: dict) -> dict:
@@ -262,7 +297,7 @@ def evaluate(setup: Setup, state, tokenizer) -> dict:
   """The task's eval metrics over config.train.eval_steps batches (sums, then metrics)."""
   totals = {}
   for local in data_iter(setup, tokenizer, 'eval'):
-    stats = setup.eval_step(state['params'], state.get('extra'), global_batch(setup, local))
+    stats = setup.eval_step(full_params(state), state.get('extra'), global_batch(setup, local))
     for k, v in jax.device_get(stats).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return setup.task.eval_metrics(totals)
@@ -288,19 +323,50 @@ def restore_in_layout(restore: Callable, abstract, shardings, saved_scan: bool,
 
 def restore_state(setup: Setup, ckpt, step: int, saved_scan: bool):
   """(state, data state) of checkpoint `step`, onto this run's mesh (Orbax reshards) and
-  params layout (restore_in_layout)."""
+  params layout (restore_in_layout); without the frozen base (saved_state)."""
   data = {}
   def restore(target):
     state, data['state'] = ckpt.restore(step, target)
     return state
-  state = restore_in_layout(restore, setup.abstract_state, setup.state_shardings, saved_scan,
+  state = restore_in_layout(restore, saved_state(setup.abstract_state),
+                            saved_state(setup.state_shardings), saved_scan,
                             setup.config.runtime.scan_layers, setup.mesh.devices.flat[0])
   return state, data['state']
 
 
+def with_source(setup: Setup, state, source: Callable):
+  """`state` with the source's weights (init_from) in place of the fresh ones it has
+  (params the source lacks, such as a new classifier or adapters, stay as initialised);
+  with adapters the base is split off as state['frozen'] (NF4 for QLoRA)."""
+  fresh = full_params(state)
+  full = peft_lib.combine(source(setup, fresh), fresh)
+  if setup.adapters is None:
+    return dict(state, params=jax.device_put(full, setup.state_shardings['params']))
+  if setup.adapters.method == 'qlora':
+    full = peft_lib.quantize_base(full, setup.adapters)
+  if setup.adapters.method == 'prompt' and setup.adapters.prompt_init == 'vocab':
+    # The soft prompt from the loaded embeddings of random tokens (its init saw random ones).
+    ids = jax.random.randint(jax.random.PRNGKey(setup.config.train.seed),
+                             (setup.adapters.num_virtual_tokens,), 0, full['embed'].shape[0])
+    full['soft_prompt'] = jnp.take(full['embed'], ids, axis=0).astype(full['soft_prompt'].dtype)
+  params, frozen = peft_lib.partition(full, setup.config.peft.train_also)
+  return dict(state, params=jax.device_put(params, setup.state_shardings['params']),
+              frozen=jax.device_put(frozen, setup.state_shardings['frozen']))
+
+
+def source_params(model_config, runtime, mesh):
+  """ShapeDtypeStructs, with their shardings on mesh, of the plain model that model_config
+  describes (a source's own params: no adapters, no new heads)."""
+  boxed = models.param_shapes(models.get_model(model_config, runtime))
+  shardings = nn.unbox(partitioning.logical_shardings(boxed, mesh))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      nn.unbox(boxed), shardings)
+
+
 def init_source(config, log: Callable[[str], None] = print):
   """For config.init_from: (config with the source's architecture and tokenizer, tokenizer,
-  a function setup -> params on setup's mesh).
+  load), load(setup, fresh params) -> the source's params on setup's mesh (the subset of
+  setup's params that the source has; see with_source).
 
   The source is an lm run directory (config.json + checkpoints/: a training run or an
   imported model) or a Hugging Face model directory (config.json + *.safetensors).
@@ -315,11 +381,13 @@ def init_source(config, log: Callable[[str], None] = print):
     if step is None:
       raise FileNotFoundError(f'init_from={src} has no checkpoint yet.')
 
-    def load(setup):
+    def load(setup, fresh):
+      del fresh
+      target = source_params(saved.model, config.runtime, setup.mesh)
       params = restore_in_layout(
-          lambda target: source_ckpt.restore_params(step, target),
-          setup.abstract_state['params'], setup.state_shardings['params'],
-          saved.runtime.scan_layers, config.runtime.scan_layers, setup.mesh.devices.flat[0])
+          lambda target: source_ckpt.restore_params(step, target), target,
+          jax.tree.map(lambda x: x.sharding, target), saved.runtime.scan_layers,
+          config.runtime.scan_layers, setup.mesh.devices.flat[0])
       source_ckpt.close()
       return params
     what = f'lm run, step {step}'
@@ -329,17 +397,24 @@ def init_source(config, log: Callable[[str], None] = print):
     tokenizer = hf_tokenizers.from_hf_dir(src, hf_config)
     model_config = hf.model_config(m)
 
-    def load(setup):
-      arrays = jax.tree.map(lambda t: t(), lazy_params)
-      return jax.tree.map(lambda x, s: jax.device_put(x.astype(s.dtype), s.sharding),
-                          arrays, setup.abstract_state['params'])
+    def load(setup, fresh):
+      del fresh
+      target = source_params(model_config, config.runtime, setup.mesh)
+      return jax.tree.map(lambda t, s: jax.device_put(t().astype(s.dtype), s.sharding),
+                          lazy_params, target)
     what = f'Hugging Face {hf.architecture(hf_config)}'
   else:
     raise FileNotFoundError(
         f'init_from={src} is neither an lm run directory (config.json and checkpoints/) nor '
         'a Hugging Face model directory (config.json and *.safetensors).')
   with config.unlocked():
+    heads = {k: config.model[k] for k in peft_lib.HEAD_FIELDS if config.model.get(k)}
     config.model = saved.model if saved is not None else model_config
+    for k, v in heads.items():
+      if k not in config.model:
+        raise ValueError(f'model.{k}={v} is not a field of the source model family '
+                         f'({config.model.family}).')
+      config.model[k] = v
     # The tokenizer is the source's; this run saves its own copy.
     config.data.tokenizer = tokenizer.kind
     config.data.tokenizer_path = ''
@@ -365,6 +440,8 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
 
   source = None
   if latest is not None:  # a workdir with checkpoints always resumes
+    if config.init_from:  # the source's architecture again (and, with adapters, its base)
+      config, _, source = init_source(config, lambda _: None)
     # The tokenizer travels with the run: reuse the saved one.
     tokenizer = (ckpt_lib.read_tokenizer(workdir)
                  if (workdir / ckpt_lib.TOKENIZER_DIR).exists() else
@@ -388,18 +465,24 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
   if latest is not None:
     layout = saved.runtime.scan_layers if saved is not None else config.runtime.scan_layers
     state, data_state = restore_state(setup, ckpt, latest, layout)
+    if setup.adapters is not None:  # the frozen base: config.init_from's, as at the start
+      if source is None:
+        raise ValueError(f'{workdir} is an adapter run (peft.method='
+                         f'{config.peft.method}) but config.init_from is empty: set it to '
+                         'the base the run started from.')
+      fresh = setup.init_state(jax.random.PRNGKey(config.train.seed))
+      state['frozen'] = with_source(setup, fresh, source)['frozen']
     if data_state:
       train_iter.set_state(data_state)
     log(f'Resumed from step {int(state["step"])} in {workdir}.')
   else:
     state = setup.init_state(jax.random.PRNGKey(config.train.seed))
     if source is not None:  # init_from: the source's weights at step 0 of a new run
-      params = source(setup)
-      state['params'] = params
+      state = with_source(setup, state, source)
       state['opt_state'] = jax.jit(setup.tx.init, out_shardings=setup.state_shardings[
-          'opt_state'])(params)
+          'opt_state'])(state['params'])
       if 'extra' in state:  # e.g. a frozen reference: of the loaded weights, not random ones
-        state['extra'] = setup.init_extra(params)
+        state['extra'] = setup.init_extra(full_params(state))
       log(f'Initialised from the weights of {config.init_from}.')
   ckpt_lib.write_run_files(workdir, config, tokenizer)
 
@@ -481,7 +564,7 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
       saving = done % config.checkpoint.every_steps == 0 or done == steps or stop
       if saving:
         settle()
-        ckpt.save(done, state, train_iter.get_state(), config, eval_loss)
+        ckpt.save(done, saved_state(state), train_iter.get_state(), config, eval_loss)
       if saving or eval_loss is not None:  # their allocations fragment the kept heap
         host_memory.release_free_memory()
       if stop:
