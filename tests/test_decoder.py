@@ -302,7 +302,7 @@ def test_linear_is_the_only_projection_path_with_adapters(style):
   runtime = base_config().runtime
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   from lm import peft  # pylint: disable=import-outside-toplevel
-  kernels = backend.select(runtime, mesh, adapters=peft.Adapters(method='lora', targets='.'))
+  kernels = backend.select(runtime, mesh, adapters=peft.Adapters(method='lora', targets='^$'))
   assert not kernels.fused_qkv and backend.select(runtime, mesh).fused_qkv
   model, params = make(style, kernels=kernels)
   kernels_in_tree = sorted('/'.join(p[:-1]) for p in map(

@@ -293,7 +293,8 @@ def test_backend_select_makes_every_choice_from_the_mesh(monkeypatch):
   k = backend.select(runtime, one)
   assert (k.attention, k.cpu_ops, k.fused_qkv, k.fused_adamw, k.mesh) == ('cpu', True, True,
                                                                           True, None)
-  assert not backend.select(runtime, one, adapters=True).fused_qkv
+  from lm import peft  # pylint: disable=import-outside-toplevel
+  assert not backend.select(runtime, one, adapters=peft.Adapters(method='lora')).fused_qkv
   k = backend.select(runtime, eight)
   assert (k.attention, k.cpu_ops, k.fused_qkv, k.fused_adamw) == ('xla', False, False, False)
   assert k.mesh is eight and k.platform == 'cpu'

@@ -104,18 +104,7 @@ def parse_record(record, where: str) -> Record:
 
 def read_records(path: str) -> list[Record]:
   """The records of every JSON line of the files `path` names."""
-  out = []
-  for name in sources.resolve_files(path):
-    text = sources._read_text(name)  # pylint: disable=protected-access
-    for n, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      where = f'{name}:{n}'
-      try:
-        value = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where} is not valid JSON ({e.msg}); one record per line.') from None
-      out.append(parse_record(value, where))
+  out = [parse_record(value, where) for where, value in sources.json_records(path)]
   if not out:
     raise ValueError(f'data.path {path!r} holds no instruction records.')
   return out

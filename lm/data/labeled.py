@@ -23,7 +23,6 @@ exactly (get_state/set_state), with the packed rows' order (pipeline._Order).
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 
 import numpy as np
@@ -57,28 +56,19 @@ def read_records(path: str, config) -> list[tuple[str, str | None, object]]:
                                                  tuple(config.data.pair_fields),
                                                  config.data.label_field)
   out = []
-  for name in sources.resolve_files(path):
-    text = sources._read_text(name)  # pylint: disable=protected-access
-    for n, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      where = f'{name}:{n}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where} is not valid JSON ({e.msg}).') from None
-      if not isinstance(record, dict) or label_field not in record:
-        raise ValueError(f'{where} has no label field {label_field!r} (set '
-                         '--config.data.label_field).')
-      if isinstance(record.get(field_a), str) and isinstance(record.get(field_b), str):
-        out.append((record[field_a], record[field_b], record[label_field]))
-      elif isinstance(record.get(text_field), str):
-        out.append((record[text_field], None, record[label_field]))
-      else:
-        raise ValueError(
-            f'{where} has neither a string field {text_field!r} nor the pair '
-            f'{field_a!r}, {field_b!r} (fields: {sorted(record)}); set '
-            '--config.data.json_field or --config.data.pair_fields.')
+  for where, record in sources.json_records(path):
+    if not isinstance(record, dict) or label_field not in record:
+      raise ValueError(f'{where} has no label field {label_field!r} (set '
+                       '--config.data.label_field).')
+    if isinstance(record.get(field_a), str) and isinstance(record.get(field_b), str):
+      out.append((record[field_a], record[field_b], record[label_field]))
+    elif isinstance(record.get(text_field), str):
+      out.append((record[text_field], None, record[label_field]))
+    else:
+      raise ValueError(
+          f'{where} has neither a string field {text_field!r} nor the pair '
+          f'{field_a!r}, {field_b!r} (fields: {sorted(record)}); set '
+          '--config.data.json_field or --config.data.pair_fields.')
   if not out:
     raise ValueError(f'data.path {path!r} holds no labelled records.')
   return out

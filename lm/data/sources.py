@@ -103,6 +103,19 @@ def _read_text(path: str) -> str:
   return text
 
 
+def json_records(path: str) -> Iterator[tuple[str, object]]:
+  """(file:line, decoded value) of every non-blank JSON line of the files `path` names
+  (a file, directory, glob or comma list); a line that is not JSON is an error naming it."""
+  for name in resolve_files(path):
+    for n, line in enumerate(_read_text(name).splitlines(), 1):
+      if line.strip():
+        try:
+          yield f'{name}:{n}', json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f'{name}:{n} is not valid JSON ({e.msg}); one record a line.') \
+              from None
+
+
 def _read_docs(path: str, json_field: str) -> list[str]:
   """The documents of one file: the whole text, or one per JSON line."""
   text = _read_text(path)

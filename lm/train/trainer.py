@@ -488,12 +488,19 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
 
   start = int(state['step'])
   steps = config.train.steps
-  num_params = models.count_params(state['params'])
+  # The model's params (adapters included; QLoRA's base counted unquantised), and those
+  # that train.
+  num_params = models.count_params(full_params(state))
+  if setup.adapters is not None:
+    plain = models.param_shapes(models.get_model(config.model, config.runtime))
+    adapters = peft_lib.partition(state['params'])[0]  # (train_also heads are in plain)
+    num_params = models.count_params(plain) + models.count_params(adapters)
   flops_per_token = flops_lib.flops_per_token(setup.model)
   peak_total, peak_how = flops_lib.mesh_peak_flops_per_sec(setup.mesh)
   writer = metrics_lib.MetricsWriter(workdir, steps, start)
   if start == 0 or not writer.path.exists():
     writer.write({'step': start, 'num_params': num_params,
+                  'trainable_params': models.count_params(state['params']),
                   'model_flops_per_token': flops_per_token, 'peak_flops_per_sec': peak_total,
                   'peak_flops_how': peak_how, 'config': config.to_dict()})
   tokens_per_step = config.train.batch_size * config.model.max_len
