@@ -191,6 +191,10 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       batch_size=8,  # global batch, in sequences
       microbatches=1,  # gradient accumulation: batch_size % microbatches == 0
       steps_per_call=1,  # train steps per jitted call (lax.scan): dispatch paid once per call
+      # causal_lm / sft rows of this many tokens (0: model.max_len); shorter rows for a
+      # long-context model's fine-tuning (the architecture, max_len included, stays the
+      # source's with init_from)
+      seq_len=0,
       seed=0,
       log_every=50,
       eval_every=250,
@@ -272,6 +276,21 @@ def t5_model(**overrides) -> dict:
                    mlp="relu", tie_embeddings=True, relative_buckets=32,
                    relative_max_distance=128, norm_eps=1e-6, decoder_start_id=0,
                    init_std=1.0), **overrides)
+
+
+def row_length(config) -> int:
+  """Tokens per packed causal_lm / sft row: train.seq_len or model.max_len, less prompt
+  tuning's soft prompt (the model puts it before every row)."""
+  max_len = config.model.max_len
+  seq_len = config.train.get('seq_len', 0) or max_len
+  if seq_len > max_len:
+    raise ValueError(f'train.seq_len={seq_len} exceeds model.max_len={max_len}; lower it.')
+  peft = config.get('peft')
+  prompt = peft.num_virtual_tokens if peft is not None and peft.method == 'prompt' else 0
+  if seq_len - prompt <= 0:
+    raise ValueError(f'Rows of {seq_len} tokens leave no room after a soft prompt of '
+                     f'{prompt}; lower peft.num_virtual_tokens.')
+  return seq_len - prompt if seq_len + prompt > max_len else seq_len
 
 
 def resolve(config: mlc.ConfigDict, tokenizer=None) -> mlc.ConfigDict:

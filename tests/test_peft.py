@@ -267,7 +267,7 @@ def test_classifier_head_from_init_from_trains_beside_lora(lora_runs, tmp_path):
     trainer.build(e)
 
 
-@pytest.mark.parametrize('family,method', [('encoder', 'lora'), ('encdec', 'qlora')])
+@pytest.mark.parametrize('family,method', [('encdec', 'qlora')])  # (BERT: the same Linear)
 def test_lora_and_qlora_adapt_bert_and_t5(family, method):
   """Every family's projections go through Linear: adapted and merged models agree."""
   c = base_config(family)
@@ -281,3 +281,22 @@ def test_lora_and_qlora_adapt_bert_and_t5(family, method):
   plain = models.get_model(c.model, c.runtime)
   np.testing.assert_allclose(run(plain, peft.merge(params, adapters)), run(model, params),
                              atol=2e-5)
+
+
+def test_rows_shorter_than_the_context_and_a_soft_prompt_fit_max_len():
+  """train.seq_len cuts causal_lm / sft rows below model.max_len (a long-context source);
+  prompt tuning's rows leave room for the soft prompt."""
+  from lm import config as lm_config  # pylint: disable=import-outside-toplevel
+  from lm.train import tasks  # pylint: disable=import-outside-toplevel
+  c = model_config(max_len=64)
+  c.task.name = 'sft'
+  assert tasks.get_task(c).batch_spec()['inputs'][0] == (c.train.batch_size, 64)
+  c.train.seq_len = 32
+  assert tasks.get_task(c).batch_spec()['inputs'][0][1] == 32
+  c.peft.update(method='prompt', num_virtual_tokens=8)
+  assert lm_config.row_length(c) == 32  # 32 + 8 fit 64
+  c.train.seq_len = 0
+  assert lm_config.row_length(c) == 56
+  c.train.seq_len = 65
+  with pytest.raises(ValueError, match='train.seq_len=65 exceeds model.max_len=64'):
+    lm_config.row_length(c)

@@ -27,9 +27,9 @@ tokenised separately and concatenated, so the boundaries are exact and the token
 turn are what generation is prompted with. Messages after the last assistant turn are
 dropped (nothing to train).
 
-An example longer than model.max_len is cut to max_len tokens (counted, logged once); one
-whose trained tokens would all be cut is an error. Packing puts examples greedily, in order,
-into rows of model.max_len tokens, never splitting one: each its own segment id (1, 2, ...;
+An example longer than a row (train.seq_len, else model.max_len) is cut to it (counted,
+logged once); one whose trained tokens would all be cut is an error. Packing puts examples greedily, in order,
+into rows of that many tokens, never splitting one: each its own segment id (1, 2, ...;
 0 = padding) with positions from 0, so attention never crosses examples. Batches are
 CausalLM's:
   inputs, targets (the next token of the same example), segment_ids, positions  int32 [B, T]
@@ -347,13 +347,13 @@ def encode(records: list[Record], tokenizer, template, seq_len: int) -> Examples
     if len(x) > seq_len:
       if not w[:seq_len].any():
         raise ValueError(f'{record.where}: the prompt alone has {int(np.argmax(w))} tokens, so '
-                         f'model.max_len={seq_len} cuts off the whole completion; raise '
-                         'model.max_len or shorten the prompt.')
+                         f'rows of {seq_len} tokens cut off the whole completion; raise '
+                         'train.seq_len (or model.max_len) or shorten the prompt.')
       x, w, cut = x[:seq_len], w[:seq_len], cut + 1
     tokens.append(x)
     trained.append(w)
   if cut:
-    logging.warning('%d of %d instruction examples are longer than model.max_len=%d tokens '
+    logging.warning('%d of %d instruction examples are longer than rows of %d tokens '
                     'and were cut to it.', cut, len(records), seq_len)
   offsets = np.concatenate([[0], np.cumsum([len(x) for x in tokens])]).astype(np.int64)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -369,9 +369,8 @@ def load_examples(config, tokenizer, train: bool) -> Examples:
     if not cache:
       cache.append(chat_template(config, tokenizer))
     return cache[0]
-  peft = config.get('peft')  # prompt tuning puts its soft prompt before every row
-  prompt = peft.num_virtual_tokens if peft is not None and peft.method == 'prompt' else 0
-  return encode(records, tokenizer, template, config.model.max_len - prompt)
+  from lm import config as lm_config  # lazy: lm.config imports lm.data
+  return encode(records, tokenizer, template, lm_config.row_length(config))
 
 
 def pack(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> list[np.ndarray]:

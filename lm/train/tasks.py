@@ -50,11 +50,8 @@ class Task:
     return None
 
   def row_length(self) -> int:
-    """Tokens per packed row that the data pipeline cuts: model.max_len (less a soft
-    prompt's length with prompt tuning, which the model puts before every row)."""
-    peft = self.config.get('peft')
-    prompt = peft.num_virtual_tokens if peft is not None and peft.method == 'prompt' else 0
-    return self.config.model.max_len - prompt
+    """Tokens per packed row that the data pipeline cuts (model.max_len for most tasks)."""
+    return self.config.model.max_len
 
   def data_iter(self, tokenizer, split: str, num_batches: int | None = None):
     """This process's batches (dicts of numpy arrays, keys as batch_spec): for split
@@ -102,6 +99,10 @@ class CausalLM(Task):
   The batch is the packed rows of lm/data/pipeline.py. Eval: loss and perplexity.
   """
   name = 'causal_lm'
+
+  def row_length(self):
+    from lm import config as lm_config  # lazy: lm.config imports lm.data
+    return lm_config.row_length(self.config)  # train.seq_len, less a soft prompt
 
   def batch_spec(self):
     shape = (self.config.train.batch_size, self.row_length())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import pathlib
 import signal
 import time
@@ -503,7 +502,9 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
                   'trainable_params': models.count_params(state['params']),
                   'model_flops_per_token': flops_per_token, 'peak_flops_per_sec': peak_total,
                   'peak_flops_how': peak_how, 'config': config.to_dict()})
-  tokens_per_step = config.train.batch_size * config.model.max_len
+  tokens_per_step = config.train.batch_size * (
+      lm_config.row_length(config) if isinstance(setup.task, tasks.CausalLM)
+      else config.model.max_len)
 
   last = {}
   pending = None  # (metrics, first step) of the previous call, read one call late: async
