@@ -120,14 +120,8 @@ def split_records(config, train: bool) -> list[Record]:
             for i, r in enumerate(pair[0 if train else 1])]
   if config.data.eval_path:
     return read_records(config.data.path if train else config.data.eval_path)
-  records = read_records(config.data.path)
-  n_eval = int(round(len(records) * config.data.val_fraction))
-  if not 0 < n_eval < len(records):
-    raise ValueError(
-        f'data.val_fraction={config.data.val_fraction} of {len(records)} records leaves '
-        f'{n_eval} for evaluation and {len(records) - n_eval} for training; change it or '
-        'give the eval records as --config.data.eval_path.')
-  return records[:-n_eval] if train else records[-n_eval:]
+  from lm.data import labeled  # the same hold-out as labelled records
+  return labeled.hold_out(read_records(config.data.path), config, train)
 
 
 # -- chat templates -------------------------------------------------------------------

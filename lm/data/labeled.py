@@ -82,7 +82,11 @@ def split_records(config, split: str) -> list:
   train = split == config.data.train_split
   if config.data.eval_path:
     return read_records(config.data.path if train else config.data.eval_path, config)
-  records = read_records(config.data.path, config)
+  return hold_out(read_records(config.data.path, config), config, train)
+
+
+def hold_out(records: list, config, train: bool) -> list:
+  """The first (train) or last (eval) records, the last data.val_fraction held out."""
   n_eval = int(round(len(records) * config.data.val_fraction))
   if not 0 < n_eval < len(records):
     raise ValueError(
