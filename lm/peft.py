@@ -163,7 +163,7 @@ def merge(params, adapters: Adapters, sign: float = 1.0):
     if mod + '/kernel' in flat:
       kernel = flat[mod + '/kernel']
     else:  # NF4: dequantised (per layer when scanned)
-      q = {n: flat.pop(f'{mod}/nf4_{n}') for n in nf4_names()}
+      q = {n: flat.pop(f'{mod}/nf4_{n}') for n in nf4.NAMES}
       deq = lambda q, shape: nf4.dequantize(q, shape, jnp.float32)
       kernel = (jax.vmap(lambda q: deq(q, delta.shape[1:]))(q) if _scanned(mod)
                 else deq(q, delta.shape))
@@ -178,11 +178,6 @@ def unmerge(merged, adapters_params, adapters: Adapters):
   """The base kernels back from merged ones: merged - scale * a @ b, for the given
   adapters (their lora_a/lora_b leaves at the same paths)."""
   return merge(combine(adapters_params, merged), adapters, sign=-1.0)
-
-
-def nf4_names() -> tuple[str, ...]:
-  from lm.ops import nf4
-  return tuple(nf4.quantized_shapes((64,)).keys())
 
 
 def quantize_base(params, adapters: Adapters):
@@ -214,10 +209,6 @@ def fold_prefix(params, cfg):
   kv = kv_PE.reshape(p, cfg.n_layers, 2, cfg.kv_heads, cfg.head_dim_).transpose(1, 2, 0, 3, 4)
   params['prefix_kv'] = kv.astype(embed_PD.dtype)
   return params
-
-
-def count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def nbytes(tree) -> int:

@@ -13,6 +13,7 @@ LoRA is merged into the base kernels (the plain model; merge_adapters=False keep
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -97,7 +98,6 @@ def load_base(config, mesh: Mesh | None = None):
   if not src:
     raise ValueError('This adapter run names no base (config.init_from is empty).')
   from lm.convert import hf  # lazy: only Hugging Face bases need it
-  import pathlib
   if (pathlib.Path(src) / 'checkpoints').is_dir():
     _, base, base_config, _ = load_run(src, mesh=mesh)
     base_model = base_config.model.to_dict()
