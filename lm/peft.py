@@ -103,9 +103,11 @@ def _unflat(flat: dict[str, object]):
 
 
 def is_trainable(path: str, train_also: str = '') -> bool:
-  """Adapter params (lora_a/lora_b, soft_prompt, prefix_*) and those train_also matches."""
-  leaf, top = path.rsplit('/', 1)[-1], path.split('/', 1)[0]
-  return (leaf in ('lora_a', 'lora_b') or top == 'soft_prompt' or top.startswith('prefix_')
+  """Adapter params (lora_a/lora_b, soft_prompt, prefix_*, at any depth: T5 keeps a prefix
+  per stack) and those train_also matches."""
+  parts = path.split('/')
+  return (parts[-1] in ('lora_a', 'lora_b') or 'soft_prompt' in parts
+          or any(p.startswith('prefix_') for p in parts)
           or bool(train_also and re.search(train_also, path)))
 
 
@@ -196,18 +198,20 @@ def quantize_base(params, adapters: Adapters):
   return _unflat(flat)
 
 
-def fold_prefix(params, cfg):
-  """Prefix tuning's reparameterisation folded away: prefix_embed and the prefix_in /
-  prefix_out MLP replaced by the keys and values they make, prefix_kv [L, 2, P, K, H]
-  (cfg: the decoder's config), for a model whose Adapters have folded=True."""
-  params = dict(params)
-  embed_PD = params.pop('prefix_embed').astype(jnp.float32)
-  w_in, w_out = params.pop('prefix_in'), params.pop('prefix_out')
-  h_PF = jnp.tanh(embed_PD @ w_in['kernel'] + w_in['bias'])
-  kv_PE = h_PF @ w_out['kernel'] + w_out['bias']
-  p = embed_PD.shape[0]
-  kv = kv_PE.reshape(p, cfg.n_layers, 2, cfg.kv_heads, cfg.head_dim_).transpose(1, 2, 0, 3, 4)
-  params['prefix_kv'] = kv.astype(embed_PD.dtype)
+def fold_prefix(params, cfg=None):
+  """Prefix tuning's reparameterisation folded away, wherever a module has one (the
+  decoder; BERT; T5's encoder and decoder stacks): prefix_embed and the prefix_in /
+  prefix_out MLP replaced by the keys and values they make, prefix_kv [P, L * 2 * K * H],
+  for a model whose Adapters have folded=True. (cfg: unused, kept for callers.)"""
+  del cfg
+  if not isinstance(params, dict):
+    return params
+  params = {k: fold_prefix(v) for k, v in params.items()}
+  if 'prefix_embed' in params:
+    embed_PD = params.pop('prefix_embed')
+    w_in, w_out = params.pop('prefix_in'), params.pop('prefix_out')
+    h_PF = jnp.tanh(embed_PD.astype(jnp.float32) @ w_in['kernel'] + w_in['bias'])
+    params['prefix_kv'] = (h_PF @ w_out['kernel'] + w_out['bias']).astype(embed_PD.dtype)
   return params
 
 

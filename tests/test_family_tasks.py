@@ -288,6 +288,35 @@ def test_labelled_records_parse_split_and_map_labels(tmp_path):
   assert labeled._truncate(20, 2, 13) == (11, 2) and labeled._truncate(7, 7, 9) == (5, 4)
 
 
+def test_tfds_catalog_classification_reads_its_splits(tmp_path):
+  """A TFDS catalog dataset (here a tiny one registered by the test, as glue/sst2 would be
+  downloaded) gives the labelled records of its splits, with the named fields."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class TinySst(tfds.core.GeneratorBasedBuilder):  # registered as 'tiny_sst'
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'sentence': tfds.features.Text(), 'label': tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(6), 'validation': self._generate_examples(2)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {'sentence': f'sentence {i} ' + 'good' * (i % 2), 'label': i % 2}
+
+  c = cls_config('', num_labels=2)
+  c.data.update(dataset='tiny_sst', data_dir=str(tmp_path), json_field='sentence')
+  train = labeled.split_records(c, 'train')
+  assert sorted(train) == sorted((f'sentence {i} ' + 'good' * (i % 2), None, i % 2)
+                                 for i in range(6))
+  assert len(labeled.split_records(c, 'validation')) == 2 and labeled.label_names(c) == ()
+  with pytest.raises(ValueError, match="no split 'test'"):
+    labeled.split_records(c, 'test')
+
+
 def test_labelled_data_errors_are_clear(tmp_path):
   def err(records, match, **model):
     c = cls_config(write_jsonl(tmp_path / 'e.jsonl', records), **model)

@@ -254,5 +254,46 @@ def test_sft_task_is_registered_and_keeps_eval_loss_best(run):
   assert set(run['metrics']) >= {'eval/loss', 'eval/accuracy', 'eval/exact_match'}
   c = base_config('encoder')
   c.task.name = 'sft'
-  with pytest.raises(ValueError, match='model.family=decoder'):
+  with pytest.raises(ValueError, match='model.family decoder or encdec'):
     tasks.get_task(c)
+
+
+def test_t5_sft_reads_prompts_in_the_encoder_and_its_exact_match_is_greedy(tmp_path):
+  """A T5 learns the target in its decoder from the prompt in its encoder: the batch layout
+  token by token, packed side by side; its teacher-forced exact match is greedy decoding's."""
+  rng = np.random.default_rng(0)
+  train = [finetune_sets.example('reverse', rng) for _ in range(8)]
+  c = base_config('encdec')
+  c.task.name = 'sft'
+  c.model.update(vocab_size=0, max_len=64, max_target_len=40, d_model=32, n_layers=1,
+                 n_heads=2, decoder_start_id=TOK.pad_id)
+  path = write_jsonl(tmp_path / 't.jsonl', train)
+  c.data.update(tokenizer='bytes', path=str(path), eval_path=str(path))
+  c.train.update(batch_size=2, seed=0, steps=30, log_every=1, eval_every=30, eval_steps=0)
+  c.optimizer.update(warmup_steps=4, lr=1e-2, decay_steps=30)
+  c.checkpoint.update(every_steps=1000, keep=1, async_save=False)
+  examples = instruct.load_examples(c, TOK, False)
+  prompt, target = instruct.prompt_and_target(instruct.parse_record(train[0], 'x'), TOK)
+  assert examples.inputs[0].tolist() == prompt and examples.targets[0].tolist() == target
+  batch = next(iter(instruct.make_eval_iter(c, TOK, None, 0, 1)))
+  assert batch['encoder_segment_ids'][0].max() >= 2  # several examples share a row
+  for r in range(2):
+    for s in range(1, batch['encoder_segment_ids'][r].max() + 1):
+      e = [i for i in range(len(examples)) if examples.inputs[i].tolist() == batch[
+          'encoder_inputs'][r][batch['encoder_segment_ids'][r] == s].tolist()][0]
+      at = batch['decoder_segment_ids'][r] == s
+      assert batch['decoder_targets'][r][at].tolist() == examples.targets[e].tolist()
+      assert batch['decoder_inputs'][r][at].tolist() == [TOK.pad_id] + examples.targets[e][
+          :-1].tolist()
+      assert batch['decoder_positions'][r][at].tolist() == list(range(at.sum()))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(metrics_lib, 'plot_losses', lambda workdir: None)
+    mp.setattr(flops, 'mesh_peak_flops_per_sec', lambda mesh: (1e12, 'test'))
+    out = trainer.train(c, tmp_path / 'run', log=lambda s: None, devices=jax.devices()[:1])
+  records = metrics_lib.read_metrics(tmp_path / 'run')
+  losses = [r['train/loss'] for r in records if 'train/loss' in r]
+  assert losses[-1] < 0.5 * losses[0]  # it learns from the targets it is given
+  metrics = [r for r in records if 'eval/loss' in r][-1]
+  acc, _ = exact_match.exact_match(out['setup'].model, jax.device_get(out['state']['params']),
+                                   TOK, train)
+  assert metrics['eval/exact_match'] == pytest.approx(acc)

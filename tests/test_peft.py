@@ -50,12 +50,16 @@ def model_config(**kw):
 _JITTED = {}
 
 
-def apply(model, params, tokens, **kw):
-  """model.apply, jitted once per model and keywords (compiles are most of these tests)."""
-  key = (id(model), tuple(sorted(kw)))
+def apply(model, params, tokens, dec_tokens=None, **kw):
+  """model.apply, jitted once per model and keywords (compiles are most of these tests);
+  dec_tokens: an encoder-decoder's decoder input."""
+  statics = tuple(sorted((k, v) for k, v in kw.items() if isinstance(v, str)))
+  arrays = {k: v for k, v in kw.items() if not isinstance(v, str)}
+  key = (id(model), statics, tuple(sorted(arrays)))
   if key not in _JITTED:
-    _JITTED[key] = (model, jax.jit(functools.partial(model.apply, **kw)))
-  return _JITTED[key][1]({'params': params}, tokens)
+    _JITTED[key] = (model, jax.jit(functools.partial(model.apply, **dict(statics))))
+  args = (tokens,) if dec_tokens is None else (tokens, dec_tokens)
+  return _JITTED[key][1]({'params': params}, *args, **arrays)
 
 
 def build(c, **peft_fields):
@@ -256,22 +260,20 @@ def test_bad_targets_and_mismatched_base_are_named(lora_runs, tmp_path):
 
 def test_classifier_head_from_init_from_trains_beside_lora(lora_runs, tmp_path):
   """A new head (model.num_labels) survives init_from's architecture and trains with the
-  adapters (peft.train_also); prompt/prefix tuning name the families they support."""
+  adapters (peft.train_also)."""
   tmp, _, _ = lora_runs
   c = train_config(tmp / 'base', 2, method='lora', targets=r'attn/query$')
   c.task.name = 'classification'
   c.model.num_labels = 3
-  c, _, _ = trainer.init_source(c, log=lambda s: None)
+  c, _, load = trainer.init_source(c, log=lambda s: None)
   assert c.model.num_labels == 3 and c.model.d_model == 32
   setup = trainer.build(c)
   trained = peft._flat(setup.abstract_state['params'])
   assert 'classifier/kernel' in trained and 'layers_0/attn/query/lora_a' in trained
   assert 'embed' in peft._flat(setup.abstract_state['frozen'])
-  e = base_config('encoder')
-  e.model.vocab_size = V
-  e.peft.method = 'prefix'
-  with pytest.raises(ValueError, match='prefix is built for the decoder family'):
-    trainer.build(e)
+  # The source's own params lack the new head (which stays as initialised).
+  source = peft._flat(load(setup, None))
+  assert 'embed' in source and not any(k.startswith('classifier') for k in source)
 
 
 @pytest.mark.parametrize('family,method', [('encdec', 'lora')])  # (BERT: the same Linear)
@@ -289,6 +291,53 @@ def test_lora_adapts_t5(family, method):
   plain = models.get_model(c.model, c.runtime)
   np.testing.assert_allclose(run(plain, peft.merge(params, adapters)), run(model, params),
                              atol=2e-5)
+
+
+@pytest.mark.parametrize('family,method', [('encoder', 'prompt'), ('encoder', 'prefix'),
+                                           ('encdec', 'prompt'), ('encdec', 'prefix')])
+def test_prompt_and_prefix_tune_bert_and_t5(family, method):
+  """BERT and T5 take a soft prompt / per-layer prefixes: they change the function, packed
+  examples each see them as if alone, the prefix folds away, and T5's cached greedy decode
+  (the prefix before its self-attention cache) equals the full forward's choices."""
+  c = base_config(family)
+  c.model.update(vocab_size=V, d_model=32, n_layers=1, n_heads=2,
+                 **({'num_labels': 3} if family == 'encoder' else {}))
+  model, adapters = build(c, method=method, num_virtual_tokens=3, prompt_init='random')
+  params = init(model, noise=0.05)
+  trained = set(peft._flat(peft.partition(params)[0]))
+  want = ({'soft_prompt'} if method == 'prompt' else
+          {f'{stack}prefix_{n}' for stack in ({'encoder': ('',), 'encdec': (
+              'encoder/', 'decoder/')}[family]) for n in ('embed', 'in/kernel', 'in/bias',
+                                                          'out/kernel', 'out/bias')})
+  assert trained == want
+  plain = models.get_model(c.model, c.runtime)
+  base = peft.partition(params)[1]
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2, 2, 2]])
+  if family == 'encoder':
+    run = lambda m, p, t, **kw: apply(m, p, t, head='classify', **kw)
+    assert np.abs(run(model, params, TOKENS) - run(plain, base, TOKENS)).max() > 1e-4
+    packed = apply(model, params, TOKENS, head='hidden', segment_ids_BT=seg,
+                   positions_BT=jnp.array([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6]]))
+    np.testing.assert_allclose(packed[:, 3:], apply(model, params, TOKENS[:, 3:],
+                                                    head='hidden'), atol=1e-5)
+  else:
+    dec = jnp.array([[0, 5, 9, 77]])
+    run = lambda m, p, t, **kw: apply(m, p, t, dec_tokens=dec, **kw)
+    assert np.abs(run(model, params, TOKENS) - run(plain, base, TOKENS)).max() > 1e-4
+    packed = apply(model, params, TOKENS, dec_tokens=dec, encoder_segment_ids_BS=seg,
+                   decoder_segment_ids_BT=jnp.full_like(dec, 2))
+    np.testing.assert_allclose(packed, run(model, params, TOKENS[:, 3:]), atol=1e-5)
+    prompts = [[5, 9, 77, 3], [41, 8]]
+    out = sampling.generate(model, params, prompts, max_new_tokens=4, temperature=0.0)
+    for prompt, new in zip(prompts, out):
+      teacher = jnp.array([[c.model.decoder_start_id] + list(new)[:-1]])
+      logits = apply(model, params, jnp.array([prompt]), dec_tokens=teacher)
+      assert list(np.argmax(logits[0], -1)) == list(new)
+  if method == 'prefix':
+    folded = models.get_model(c.model, c.runtime, Kernels(
+        adapters=dataclasses.replace(adapters, folded=True)))
+    np.testing.assert_allclose(run(folded, peft.fold_prefix(params), TOKENS),
+                               run(model, params, TOKENS), atol=1e-5)
 
 
 def test_rows_shorter_than_the_context_and_a_soft_prompt_fit_max_len():

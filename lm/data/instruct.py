@@ -34,6 +34,10 @@ into rows of that many tokens, never splitting one: each its own segment id (1, 
 CausalLM's:
   inputs, targets (the next token of the same example), segment_ids, positions  int32 [B, T]
   weights  float32 [B, T]: 1 where the target is a trained token of the same example
+An encoder-decoder (T5) reads the prompt (all tokens before the last trained piece) in its
+encoder and learns the target (that piece: the completion + EOS, or the last assistant
+turn) in its decoder; examples pack side by side in both (lm.data.instruct.Seq2SeqExamples,
+SpanCorruption's batch keys plus decoder_positions).
 Training visits the examples in a permutation per epoch drawn from (train.seed, epoch), packed
 per epoch, endless and resumable (get_state/set_state); eval is one ordered pass over rows
 packed in file order (num_batches caps it, spread over the split), padded with empty rows.
@@ -329,6 +333,71 @@ class Examples:
                 weights=weights_BT)
 
 
+@dataclasses.dataclass
+class Seq2SeqExamples:
+  """An encoder-decoder's examples (T5): the prompt is the encoder's input, the trained
+  target (completion + EOS; a messages record's last assistant turn) the decoder's."""
+  inputs: list  # int32 arrays: the prompts
+  targets: list  # int32 arrays: the targets, EOS last
+  seq_len: tuple[int, int]  # (S, T): model.max_len, model.max_target_len
+  start_id: int  # model.decoder_start_id
+  pad_id: int = 0
+
+  def __len__(self) -> int:
+    return len(self.inputs)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """[N, 2]: each example's encoder and decoder tokens (pack's two budgets)."""
+    return np.array([[len(a), len(b)] for a, b in zip(self.inputs, self.targets)], np.int64)
+
+  def batch(self, rows: list[np.ndarray]) -> Batch:
+    """Rows of example ids, packed side by side in the encoder and the decoder (segment k
+    of the decoder reads segment k of the encoder), as SpanCorruption's batches."""
+    (s, t), b = self.seq_len, len(rows)
+    out = dict(encoder_inputs=np.full((b, s), self.pad_id, np.int32),
+               encoder_segment_ids=np.zeros((b, s), np.int32),
+               decoder_inputs=np.full((b, t), self.pad_id, np.int32),
+               decoder_targets=np.full((b, t), self.pad_id, np.int32),
+               decoder_segment_ids=np.zeros((b, t), np.int32),
+               decoder_positions=np.zeros((b, t), np.int32),
+               decoder_weights=np.zeros((b, t), np.float32))
+    for r, ids in enumerate(rows):
+      at_s = at_t = 0
+      for seg, e in enumerate(ids, 1):
+        x, y = self.inputs[e], self.targets[e]
+        out['encoder_inputs'][r, at_s:at_s + len(x)] = x
+        out['encoder_segment_ids'][r, at_s:at_s + len(x)] = seg
+        out['decoder_inputs'][r, at_t:at_t + len(y)] = np.append(self.start_id, y[:-1])
+        out['decoder_targets'][r, at_t:at_t + len(y)] = y
+        out['decoder_segment_ids'][r, at_t:at_t + len(y)] = seg
+        out['decoder_positions'][r, at_t:at_t + len(y)] = np.arange(len(y))
+        out['decoder_weights'][r, at_t:at_t + len(y)] = 1.0
+        at_s, at_t = at_s + len(x), at_t + len(y)
+    return out
+
+
+def encode_seq2seq(records: list[Record], tokenizer, template, seq_len: tuple[int, int],
+                   start_id: int) -> Seq2SeqExamples:
+  """Seq2SeqExamples of records: prompts cut to S tokens from the left (the end of a
+  prompt is what the answer follows), targets to T (both counted, logged once)."""
+  if not records:
+    raise ValueError('No instruction records (task.finetune_examples / finetune_eval 0?).')
+  inputs, targets, cut = [], [], 0
+  for record in records:
+    prompt, target = prompt_and_target(record, tokenizer, template)
+    if not target:
+      raise ValueError(f'{record.where} has no token to train (an empty completion).')
+    cut += len(prompt) > seq_len[0] or len(target) > seq_len[1]
+    inputs.append(np.array(prompt[-seq_len[0]:], np.int32))
+    targets.append(np.array(target[:seq_len[1]], np.int32))
+  if cut:
+    logging.warning('%d of %d instruction examples are longer than model.max_len (prompt) or '
+                    'model.max_target_len (target) and were cut.', cut, len(records))
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  return Seq2SeqExamples(inputs, targets, seq_len, start_id, pad)
+
+
 def encode(records: list[Record], tokenizer, template, seq_len: int) -> Examples:
   """Tokenised examples, each cut to seq_len tokens (module docstring)."""
   if not records:
@@ -363,13 +432,29 @@ def load_examples(config, tokenizer, train: bool) -> Examples:
     if not cache:
       cache.append(chat_template(config, tokenizer))
     return cache[0]
+  m = config.model
+  if m.get('family') == 'encdec':
+    return encode_seq2seq(records, tokenizer, template, (m.max_len, m.max_target_len),
+                          m.decoder_start_id)
   from lm import config as lm_config  # lazy: lm.config imports lm.data
   return encode(records, tokenizer, template, lm_config.row_length(config))
 
 
-def pack(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> list[np.ndarray]:
+def pack(lengths: np.ndarray, order: np.ndarray, seq_len) -> list[np.ndarray]:
   """Rows of example ids: the examples of `order`, in order, greedily into rows of
-  seq_len tokens (each length <= seq_len; a loop over Python ints: ~0.2 us an example)."""
+  seq_len tokens (each length <= seq_len; a loop over Python ints: ~0.2 us an example).
+  An encoder-decoder packs under two budgets: lengths [N, 2], seq_len (S, T)."""
+  if np.ndim(lengths) == 2:  # a new row when either side would overflow
+    (s, t), starts = seq_len, []
+    fill_s, fill_t = s, t
+    for i, (a, b) in enumerate(lengths[order].tolist()):
+      if fill_s + a > s or fill_t + b > t:
+        starts.append(i)
+        fill_s, fill_t = a, b
+      else:
+        fill_s, fill_t = fill_s + a, fill_t + b
+    starts.append(len(order))
+    return [order[a:b] for a, b in zip(starts[:-1], starts[1:])]
   starts, fill = [], seq_len
   for i, n in enumerate(lengths[order].tolist()):
     if fill + n > seq_len:

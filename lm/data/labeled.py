@@ -5,7 +5,9 @@ data.json_field and data.label_field) or text pairs {"text_a": ..., "text_b": ..
 "label": ...} (data.pair_fields). data.path names the training records (a file, a
 directory, a glob or a comma list, as for text_files); data.eval_path the evaluation
 records, or when it is empty the last data.val_fraction of data.path's records (in file
-order) are held out for evaluation.
+order) are held out for evaluation. Or a TFDS catalog dataset (data.dataset, e.g.
+glue/sst2 with data.json_field=sentence and data.eval_split=validation): its splits'
+examples, with the same fields.
 
 Labels are ints (used as ids) or strings, mapped to ids in sorted order of the training
 records' labels; task.labels (names in id order) pins the mapping instead, and the
@@ -50,13 +52,14 @@ def find_symbol(tokenizer, symbol: str) -> int | None:
 
 # -- records --------------------------------------------------------------------------
 
-def read_records(path: str, config) -> list[tuple[str, str | None, object]]:
-  """(text_a, text_b or None, label) of every JSON line of the files `path` names."""
+def read_records(path: str, config, records=None) -> list[tuple[str, str | None, object]]:
+  """(text_a, text_b or None, label) of every JSON line of the files `path` names (or of
+  `records`, (where, dict) pairs from elsewhere: a TFDS split)."""
   text_field, (field_a, field_b), label_field = (config.data.json_field,
                                                  tuple(config.data.pair_fields),
                                                  config.data.label_field)
   out = []
-  for where, record in sources.json_records(path):
+  for where, record in sources.json_records(path) if records is None else records:
     if not isinstance(record, dict) or label_field not in record:
       raise ValueError(f'{where} has no label field {label_field!r} (set '
                        '--config.data.label_field).')
@@ -74,8 +77,27 @@ def read_records(path: str, config) -> list[tuple[str, str | None, object]]:
   return out
 
 
+def catalog_records(config, split: str) -> list:
+  """The records of a split of the TFDS catalog dataset data.dataset (e.g. glue/sst2: its
+  'sentence' is data.json_field, glue/mrpc's 'sentence1', 'sentence2' data.pair_fields),
+  built as array_record on first use (sources.get_builder: needs the internet once)."""
+  builder = sources.get_builder(config)
+  if split not in builder.info.splits:
+    raise ValueError(f'{config.data.dataset} has no split {split!r} (it has '
+                     f'{sorted(builder.info.splits)}); set --config.data.train_split / '
+                     'eval_split.')
+  source = builder.as_data_source(split)
+  text = lambda v: v.decode('utf-8') if isinstance(v, bytes) else v
+  rows = ((f'{config.data.dataset}[{split}] example {i}',
+           {k: text(v.item() if hasattr(v, 'item') else v) for k, v in source[i].items()})
+          for i in range(len(source)))
+  return read_records('', config, rows)
+
+
 def split_records(config, split: str) -> list:
   """The records of data.train_split ('train') or the eval split."""
+  if config.data.dataset not in ('default', 'text_files'):
+    return catalog_records(config, split)
   if not config.data.path:
     raise ValueError('task classification needs --config.data.path=FILE.jsonl (records '
                      '{"text": ..., "label": ...}; see lm/data/labeled.py).')

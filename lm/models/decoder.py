@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from lm.ops.backend import Kernels
 from lm.models.layers import (REMAT_POLICIES, Attention, Dropout, Linear, Mlp, Norm,
-                              RuntimeConfig, constrain, normal_init)
+                              RuntimeConfig, constrain, normal_init, prefix_keys_values,
+                              soft_prompt)
 
 Array = jax.Array
 
@@ -122,9 +123,11 @@ class Decoder(nn.Module):
     positions_BT: positions restarting at each document; defaults to 0..T-1, or in
       decode mode to the running count of tokens already in the cache.
     decode: read and extend the KV cache ('cache' collection, made by init_cache).
-    head: 'lm' (logits), 'hidden' (= return_hidden), or 'classify': float32 logits
+    head: 'lm' (logits), 'hidden' (= return_hidden), 'classify': float32 logits
       [B, num_labels] of the 'classifier' on the last non-pad token (segment id > 0) of
-      each row (needs model.num_labels > 0; created at init only then).
+      each row (needs model.num_labels > 0; created at init only then), or
+      'token_classify': the same classifier on every token, [B, T, num_labels] (a
+      value head per position for PPO, lm/train/rl.py).
     prime: prompt tuning at decode time: runs the soft prompt alone into the fresh cache
       (lm/infer/sampling.py does, before the prefill); tokens_BT gives the batch size.
 
@@ -133,10 +136,11 @@ class Decoder(nn.Module):
     positions shift by P); prefix tuning gives each layer's attention P learned keys and
     values before the row's. Logits are the tokens' alone.
     """
-    if head not in ('lm', 'hidden', 'classify'):
-      raise ValueError(f"Unknown decoder head {head!r}; choose lm, hidden or classify.")
-    if head == 'classify' and not self.cfg.num_labels:
-      raise ValueError("head='classify' needs model.num_labels > 0; this model has no "
+    if head not in ('lm', 'hidden', 'classify', 'token_classify'):
+      raise ValueError(f'Unknown decoder head {head!r}; choose lm, hidden, classify or '
+                       'token_classify.')
+    if head in ('classify', 'token_classify') and not self.cfg.num_labels:
+      raise ValueError(f'head={head!r} needs model.num_labels > 0; this model has no '
                        'classifier.')
     cfg = self.cfg
     b, t = tokens_BT.shape
@@ -157,11 +161,7 @@ class Decoder(nn.Module):
     method = adapters.method if adapters is not None else 'none'
     p = adapters.num_prefix if adapters is not None else 0
     if method == 'prompt':
-      soft_PD = self.param('soft_prompt', nn.with_logical_partitioning(
-          lambda rng, shape, dtype: jnp.take(embed, jax.random.randint(
-              rng, shape[:1], 0, cfg.vocab_size), axis=0).astype(dtype)
-          if adapters.prompt_init == 'vocab' else nn.initializers.normal(cfg.init_std)(
-              rng, shape, dtype), (None, 'embed')), (p, cfg.d_model), cfg.param_dtype_)
+      soft_PD = soft_prompt(self, embed, cfg.init_std, cfg.param_dtype_)
       soft_BPD = jnp.broadcast_to(soft_PD.astype(cfg.compute_dtype), (b, p, cfg.d_model))
       if prime:  # the soft prompt alone into the cache (positions 0..P-1 from the counter)
         if t != p:
@@ -176,7 +176,10 @@ class Decoder(nn.Module):
           positions_BT = jnp.concatenate(
               [jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), positions_BT], axis=1)
           segment_ids_BT = jnp.concatenate([jnp.full((b, p), -1, jnp.int32), seg_BT], axis=1)
-    prefix_L2PKH = self._prefix(p) if method == 'prefix' else None
+    prefix_L2PKH = None
+    if method == 'prefix':
+      prefix_L2PKH = prefix_keys_values(self, cfg.n_layers, cfg.kv_heads, cfg.head_dim_,
+                                        cfg.init_std)
     if cfg.pos_embedding == 'learned':
       pos_embed = self.param('pos_embed', normal_init(cfg.init_std, ('length', 'embed')),
                              (cfg.max_len, cfg.d_model), cfg.param_dtype_)
@@ -204,15 +207,18 @@ class Decoder(nn.Module):
 
     x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, cfg.param_dtype_,
                  cfg.kernels, name='final_norm')(x_BTD)
-    if cfg.num_labels and (head == 'classify' or self.is_initializing()):
+    if cfg.num_labels and (head in ('classify', 'token_classify') or self.is_initializing()):
+      classifier = Linear((cfg.num_labels,), ('embed', None), 1, True, cfg.init_std,
+                          cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
+                          name='classifier')
+      if head == 'token_classify':
+        return classifier(x_BTD).astype(jnp.float32)
       # The last non-pad token has seen the whole (causal) sequence.
       last_B = (t - 1 if segment_ids_BT is None else
                 jnp.max(jnp.where(segment_ids_BT > 0, jnp.arange(t), 0), axis=1))
       last_BD = jnp.take_along_axis(x_BTD, jnp.broadcast_to(last_B, (b,))[:, None, None],
                                     axis=1)[:, 0]
-      label_logits_BL = Linear((cfg.num_labels,), ('embed', None), 1, True, cfg.init_std,
-                               cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
-                               name='classifier')(last_BD).astype(jnp.float32)
+      label_logits_BL = classifier(last_BD).astype(jnp.float32)
       if head == 'classify':
         return label_logits_BL
     if return_hidden or head == 'hidden':
@@ -225,22 +231,3 @@ class Decoder(nn.Module):
                           cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
                           name='lm_head')(x_BTD).astype(jnp.float32)
     return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
-
-  def _prefix(self, p: int) -> Array:
-    """Prefix tuning's keys and values [L, 2, P, K, H]: from prefix_embed [P, D] through
-    a tanh MLP (the paper's reparameterisation, which steadies training), or, folded
-    (lm/peft.py fold_prefix), the keys and values it produced."""
-    cfg, ad = self.cfg, self.cfg.kernels.adapters
-    shape = (cfg.n_layers, 2, p, cfg.kv_heads, cfg.head_dim_)
-    if ad.folded:
-      return self.param('prefix_kv', nn.with_logical_partitioning(
-          nn.initializers.zeros, ('layers', None, None, 'kv_heads', 'head_dim')), shape,
-          cfg.param_dtype_).astype(cfg.compute_dtype)
-    embed_PD = self.param('prefix_embed', normal_init(cfg.init_std, (None, 'embed')),
-                          (p, cfg.d_model), cfg.param_dtype_)
-    dense = lambda f, axes, name: Linear((f,), axes, 1, True, cfg.init_std, cfg.compute_dtype,
-                                         cfg.param_dtype_, kernels=cfg.kernels, name=name)
-    h_PF = jnp.tanh(dense(ad.prefix_hidden or cfg.d_model, ('embed', 'mlp'), 'prefix_in')(
-        embed_PD))
-    kv_PE = dense(math.prod(shape) // p, ('mlp', None), 'prefix_out')(h_PF)
-    return kv_PE.reshape((p,) + shape[:2] + shape[3:]).transpose(1, 2, 0, 3, 4)

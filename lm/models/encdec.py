@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lm.models.layers import (REMAT_POLICIES, Dropout, Linear, Norm, RuntimeConfig,
-                              constrain, normal_init)
+                              constrain, normal_init, prefix_keys_values, soft_prompt,
+                              with_prefix)
 from lm.ops import dropout as dropout_ops
 
 Array = jax.Array
@@ -113,7 +114,9 @@ class T5Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, kv_BSD: Array | None, bias_BNTS: Array | None,
-               mask_B1TS: Array, cache_index: Array | None = None) -> Array:
+               mask_B1TS: Array, cache_index: Array | None = None,
+               prefix_2PNH: Array | None = None) -> Array:
+    """prefix_2PNH: prefix tuning's keys and values before the others (no position bias)."""
     cfg = self.cfg
     n, h, d, dtype = cfg.n_heads, cfg.head_dim_, cfg.d_model, cfg.compute_dtype
     f = cfg.init_std
@@ -143,6 +146,12 @@ class T5Attention(nn.Module):
           key.value, value.value = k_BSNH, v_BSNH
         k_BSNH, v_BSNH = key.value, value.value
 
+    if prefix_2PNH is not None:
+      p = prefix_2PNH.shape[1]
+      k_BSNH, v_BSNH, mask_B1TS = with_prefix(prefix_2PNH, k_BSNH.astype(dtype), v_BSNH,
+                                              mask_B1TS)
+      if bias_BNTS is not None:
+        bias_BNTS = jnp.pad(bias_BNTS, ((0, 0),) * 3 + ((p, 0),))
     logits_BNTS = jnp.einsum('btnh,bsnh->bnts', q_BTNH, k_BSNH.astype(dtype),
                              preferred_element_type=jnp.float32)
     if bias_BNTS is not None:
@@ -188,7 +197,8 @@ class Layer(nn.Module):
   scanned: bool = False  # nn.scan wants (carry, output)
 
   @nn.compact
-  def __call__(self, x_BTD, bias_BNTS, mask_B1TS, encoded_BSD, cross_mask_B1TS, cache_index):
+  def __call__(self, x_BTD, bias_BNTS, mask_B1TS, encoded_BSD, cross_mask_B1TS, cache_index,
+               prefix_2PNH=None):
     cfg = self.cfg
     norm = lambda name: Norm('rmsnorm', cfg.norm_eps, False, cfg.compute_dtype,
                              cfg.param_dtype_, cfg.kernels, name=name)
@@ -196,7 +206,7 @@ class Layer(nn.Module):
     attn = lambda name, cross: T5Attention(cfg, self.deterministic, self.decode, cross,
                                            name=name)
     y_BTD = norm('attn_norm')(x_BTD)
-    h_BTD = attn('attn', False)(y_BTD, y_BTD, bias_BNTS, mask_B1TS, cache_index)
+    h_BTD = attn('attn', False)(y_BTD, y_BTD, bias_BNTS, mask_B1TS, cache_index, prefix_2PNH)
     if self.is_decoder:
       x_BTD, y_BTD = norm('cross_attn_norm')(x_BTD, residual=drop(h_BTD))
       h_BTD = attn('cross_attn', True)(y_BTD, encoded_BSD, None, cross_mask_B1TS)
@@ -207,8 +217,9 @@ class Layer(nn.Module):
 
 
 def _mask(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS, causal: bool) -> Array:
-  """[B, 1, T, S], True = attend: same segment (and key not after query when causal)."""
-  mask = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+  """[B, 1, T, S], True = attend: same segment (and key not after query when causal).
+  Keys of segment -1 (prompt tuning's soft prompt) are seen by every query."""
+  mask = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) | (k_seg_BS[:, None, :] == -1)
   if causal:
     mask &= q_idx_BT[:, :, None] >= k_idx_BS[:, None, :]
   return mask[:, None]
@@ -260,6 +271,12 @@ class Stack(nn.Module):
     buckets_BTS = relative_bucket(k_pos_BS[:, None, :] - q_pos_BT[:, :, None], not causal,
                                   cfg.relative_buckets, cfg.relative_max_distance)
     bias_BNTS = jnp.take(table.astype(jnp.float32), buckets_BTS, axis=0).transpose(0, 3, 1, 2)
+    adapters = cfg.kernels.adapters
+    if adapters is not None and adapters.method == 'prompt' and not self.is_decoder:
+      # The soft prompt has no place relative to a token (no bias between them): a packed
+      # example sees it as it would alone.
+      apart_BTS = (seg_BT[:, :, None] == -1) != (k_seg_BS[:, None, :] == -1)
+      bias_BNTS = jnp.where(apart_BTS[:, None], 0.0, bias_BNTS)
     cross_mask_B1TS = None
     if self.is_decoder:
       cross_mask_B1TS = _mask(None, None, seg_BT, enc_seg_BS, causal=False)
@@ -271,17 +288,21 @@ class Stack(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     args = (bias_BNTS, mask_B1TS, encoded_BSD, cross_mask_B1TS, cache_index)
+    extra = ()  # prefix tuning: each self-attention's keys and values [L, 2, P, N, H]
+    if adapters is not None and adapters.method == 'prefix':
+      extra = (prefix_keys_values(self, n, cfg.n_heads, cfg.head_dim_,
+                                  cfg.init_std * cfg.d_model ** -0.5),)
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
                        split_rngs={'params': True, 'dropout': True},
-                       in_axes=(nn.broadcast,) * len(args), length=n,
+                       in_axes=(nn.broadcast,) * len(args) + (0,) * len(extra), length=n,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BTD, _ = layers(cfg, self.is_decoder, deterministic, decode, scanned=True,
-                        name='layers')(x_BTD, *args)
+                        name='layers')(x_BTD, *args, *extra)
     else:
       for i in range(n):
         x_BTD = block(cfg, self.is_decoder, deterministic, decode, name=f'layers_{i}')(
-            x_BTD, *args)
+            x_BTD, *args, *(e[i] for e in extra))
     x_BTD = Norm('rmsnorm', cfg.norm_eps, False, cfg.compute_dtype, cfg.param_dtype_,
                  cfg.kernels, name='final_norm')(x_BTD)
     return Dropout(cfg.resid_dropout, deterministic)(x_BTD)
@@ -300,6 +321,10 @@ class EncDec(nn.Module):
     cfg = self.cfg
     self.embed = self.param('embed', normal_init(cfg.init_std, ('vocab', 'embed')),
                             (cfg.vocab_size, cfg.d_model), cfg.param_dtype_)
+    adapters = cfg.kernels.adapters
+    if adapters is not None and adapters.method == 'prompt':
+      self.soft_prompt = soft_prompt(self, self.embed, cfg.init_std * cfg.d_model ** -0.5,
+                                     cfg.param_dtype_)
     self.encoder = Stack(cfg, is_decoder=False)
     self.decoder = Stack(cfg, is_decoder=True)
     if not cfg.tie_embeddings:  # t5x's init for the untied head: fan-in scaled
@@ -323,9 +348,23 @@ class EncDec(nn.Module):
 
   def encode(self, encoder_tokens_BS: Array, encoder_segment_ids_BS: Array | None = None,
              deterministic: bool = True) -> Array:
-    """The encoder's final hidden states [B, S, D]."""
-    return self.encoder(self._embed(encoder_tokens_BS), encoder_segment_ids_BS, None, None,
-                        None, deterministic)
+    """The encoder's final hidden states [B, S, D].
+
+    Prompt tuning (Kernels.adapters, lm/peft.py) puts P soft-prompt embeddings before the
+    input (Lester et al.), as segment -1: every token attends to them, they attend to each
+    other only (packed examples stay apart), and their outputs are dropped here, so the
+    decoder reads the tokens' encodings (which saw the prompt)."""
+    x_BSD = self._embed(encoder_tokens_BS)
+    if not hasattr(self, 'soft_prompt'):
+      return self.encoder(x_BSD, encoder_segment_ids_BS, None, None, None, deterministic)
+    b, s = encoder_tokens_BS.shape
+    p = self.soft_prompt.shape[0]
+    seg_BS = (jnp.ones((b, s), jnp.int32) if encoder_segment_ids_BS is None
+              else encoder_segment_ids_BS)
+    x_BSD = jnp.concatenate([jnp.broadcast_to(self.soft_prompt.astype(x_BSD.dtype),
+                                              (b, p, x_BSD.shape[-1])), x_BSD], axis=1)
+    seg_BS = jnp.concatenate([jnp.full((b, p), -1, jnp.int32), seg_BS], axis=1)
+    return self.encoder(x_BSD, seg_BS, None, None, None, deterministic)[:, p:]
 
   def decode(self, decoder_tokens_BT: Array, encoded_BSD: Array | None,
              encoder_segment_ids_BS: Array | None = None,

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from lm.models.layers import (REMAT_POLICIES, Dropout, Linear, Norm, RuntimeConfig,
-                              constrain, dot_product_attention, normal_init)
+                              constrain, dot_product_attention, normal_init,
+                              prefix_keys_values, soft_prompt, with_prefix)
 
 Array = jax.Array
 HEADS = ('mlm', 'hidden', 'pooled', 'classify')
@@ -92,13 +93,16 @@ class SelfAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD: Array, mask_B1TS: Array) -> Array:
+  def __call__(self, x_BTD: Array, mask_B1TS: Array, prefix_2PNH: Array | None = None) -> Array:
+    """prefix_2PNH: prefix tuning's keys and values, seen by every query."""
     cfg = self.cfg
     n, h = cfg.n_heads, cfg.head_dim_
     q_BTNH, k_BTNH, v_BTNH = (
         _dense(cfg, (n, h), ('embed', 'heads', 'head_dim'), name)(x_BTD)
         for name in ('query', 'key', 'value'))
     q_BTNH = constrain(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
+    if prefix_2PNH is not None:
+      k_BTNH, v_BTNH, mask_B1TS = with_prefix(prefix_2PNH, k_BTNH, v_BTNH, mask_B1TS)
     rng = None
     if cfg.attn_dropout > 0.0 and not self.deterministic:
       rng = self.make_rng('dropout')
@@ -129,10 +133,10 @@ class Block(nn.Module):
   scanned: bool = False  # nn.scan wants (carry, output)
 
   @nn.compact
-  def __call__(self, x_BTD, mask_B1TS):
+  def __call__(self, x_BTD, mask_B1TS, prefix_2PNH=None):
     cfg = self.cfg
     drop = Dropout(cfg.resid_dropout, self.deterministic)
-    h_BTD = SelfAttention(cfg, self.deterministic, name='attn')(x_BTD, mask_B1TS)
+    h_BTD = SelfAttention(cfg, self.deterministic, name='attn')(x_BTD, mask_B1TS, prefix_2PNH)
     _, x_BTD = _norm(cfg, 'attn_norm')(x_BTD, residual=drop(h_BTD))
     h_BTD = Mlp(cfg, name='mlp')(x_BTD)
     _, x_BTD = _norm(cfg, 'mlp_norm')(x_BTD, residual=drop(h_BTD))
@@ -161,6 +165,11 @@ class Encoder(nn.Module):
       added here.
     head: 'mlm' float32 logits [B, T, V]; 'hidden' [B, T, D]; 'pooled' [B, D];
       'classify' float32 logits [B, num_labels]. At init every configured head is built.
+
+    Prompt tuning (Kernels.adapters, lm/peft.py) adds P soft-prompt embeddings after the
+    tokens (no position or type embedding: they are learned), which every token attends
+    to and which attend to each other only (packed examples stay apart); their outputs
+    are dropped. Prefix tuning gives each layer's attention P learned keys and values.
     """
     cfg = self.cfg
     if head not in HEADS:
@@ -179,7 +188,6 @@ class Encoder(nn.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     seg_BT = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
-    mask_B1TS = (seg_BT[:, :, None] == seg_BT[:, None, :])[:, None]
 
     dtype = cfg.compute_dtype
     embed = self.param('embed', normal_init(cfg.init_std, ('vocab', 'embed')),
@@ -195,22 +203,39 @@ class Encoder(nn.Module):
       x_BTD = x_BTD + jnp.take(type_embed, types_BT, axis=0).astype(dtype)
     elif token_types_BT is not None:
       raise ValueError('token_types_BT given but model.type_vocab_size=0 (no type table).')
+    adapters = cfg.kernels.adapters
+    method = adapters.method if adapters is not None else 'none'
+    if method == 'prompt':  # after the tokens, so [CLS] stays first and positions stay
+      soft_PD = soft_prompt(self, embed, cfg.init_std, cfg.param_dtype_)
+      p = soft_PD.shape[0]
+      x_BTD = jnp.concatenate(
+          [x_BTD, jnp.broadcast_to(soft_PD.astype(dtype), (b, p, cfg.d_model))], axis=1)
+      seg_BT = jnp.concatenate([seg_BT, jnp.full((b, p), -1, jnp.int32)], axis=1)
+    # Same segment; the soft prompt (segment -1) is seen by every token and sees itself.
+    mask_B1TS = ((seg_BT[:, :, None] == seg_BT[:, None, :]) | (seg_BT[:, None, :] == -1))[:, None]
     x_BTD = _norm(cfg, 'embed_norm')(x_BTD)
     x_BTD = Dropout(cfg.embed_dropout, deterministic)(x_BTD)
     x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
 
+    extra = ()  # prefix tuning: each layer's keys and values [L, 2, P, N, H]
+    if method == 'prefix':
+      extra = (prefix_keys_values(self, cfg.n_layers, cfg.n_heads, cfg.head_dim_,
+                                  cfg.init_std),)
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True,
                                                                        'dropout': True},
-                       in_axes=nn.broadcast, length=cfg.n_layers,
+                       in_axes=(nn.broadcast,) + (0,) * len(extra), length=cfg.n_layers,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BTD, _ = layers(cfg, deterministic, scanned=True, name='layers')(x_BTD, mask_B1TS)
+      x_BTD, _ = layers(cfg, deterministic, scanned=True, name='layers')(x_BTD, mask_B1TS,
+                                                                          *extra)
     else:
       for i in range(cfg.n_layers):
-        x_BTD = block(cfg, deterministic, name=f'layers_{i}')(x_BTD, mask_B1TS)
+        x_BTD = block(cfg, deterministic, name=f'layers_{i}')(x_BTD, mask_B1TS,
+                                                              *(e[i] for e in extra))
+    x_BTD = x_BTD[:, :t]  # the soft prompt's outputs are dropped
 
     out = {'hidden': x_BTD}
     if cfg.pooler and (initializing or head in ('pooled', 'classify')):

@@ -193,6 +193,57 @@ class Linear(nn.Module):
     return nf4.dequantize(q, shape, self.dtype)
 
 
+def soft_prompt(module: nn.Module, embed_VD: Array, std: float, param_dtype) -> Array:
+  """Prompt tuning's `soft_prompt` [P, D] param of `module` (Kernels.adapters, lm/peft.py):
+  embeddings of random vocabulary tokens (prompt_init='vocab', as Lester et al.) or
+  normal(std)."""
+  ad = module.cfg.kernels.adapters
+  def init(rng, shape, dtype):
+    if ad.prompt_init == 'vocab':
+      ids = jax.random.randint(rng, shape[:1], 0, embed_VD.shape[0])
+      return jnp.take(embed_VD, ids, axis=0).astype(dtype)
+    return nn.initializers.normal(std)(rng, shape, dtype)
+  return module.param('soft_prompt', nn.with_logical_partitioning(init, (None, 'embed')),
+                      (ad.num_virtual_tokens, embed_VD.shape[1]), param_dtype)
+
+
+def prefix_keys_values(module: nn.Module, n_layers: int, kv_heads: int, head_dim: int,
+                       std: float) -> Array:
+  """Prefix tuning's keys and values [L, 2, P, K, H] for `module`'s attention layers: from
+  `prefix_embed` [P, D] through a tanh MLP (`prefix_in`, `prefix_out`: the paper's
+  reparameterisation, which steadies training), or, folded (lm/peft.py fold_prefix), the
+  `prefix_kv` [P, L * 2 * K * H] that MLP produced. Called inside module's compact method,
+  so the params and Linears are module's own."""
+  cfg = module.cfg
+  ad = cfg.kernels.adapters
+  p, e = ad.num_virtual_tokens, n_layers * 2 * kv_heads * head_dim
+  if ad.folded:
+    kv_PE = module.param('prefix_kv', nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, None)), (p, e), cfg.param_dtype_)
+  else:
+    embed_PD = module.param('prefix_embed', normal_init(std, (None, 'embed')),
+                            (p, cfg.d_model), cfg.param_dtype_)
+    dense = lambda f, axes, name: Linear((f,), axes, 1, True, std, cfg.compute_dtype,
+                                         cfg.param_dtype_, kernels=cfg.kernels, name=name)
+    h_PF = jnp.tanh(dense(ad.prefix_hidden or cfg.d_model, ('embed', 'mlp'), 'prefix_in')(
+        embed_PD))
+    kv_PE = dense(e, ('mlp', None), 'prefix_out')(h_PF)
+  kv_PE = kv_PE.astype(cfg.compute_dtype)
+  return kv_PE.reshape(p, n_layers, 2, kv_heads, head_dim).transpose(1, 2, 0, 3, 4)
+
+
+def with_prefix(prefix_2PKH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array):
+  """Prefix keys and values before the row's: (keys, values, mask) with P more keys that
+  every query attends to."""
+  b, t = mask_B1TS.shape[0], mask_B1TS.shape[2]
+  pk_BPKH, pv_BPKH = (jnp.broadcast_to(x.astype(k_BSKH.dtype), (b,) + x.shape)
+                      for x in prefix_2PKH)
+  p = pk_BPKH.shape[1]
+  mask_B1TS = jnp.concatenate([jnp.ones((b, 1, t, p), bool), mask_B1TS], axis=-1)
+  return (jnp.concatenate([pk_BPKH, k_BSKH], axis=1),
+          jnp.concatenate([pv_BPKH, v_BSKH.astype(k_BSKH.dtype)], axis=1), mask_B1TS)
+
+
 def fused_projections(x_BTD: Array, linears: list[Linear], dtype, cpu: bool):
   """x against several Linears' kernels side by side, as one matmul: ([B, T, E], bias [E]
   or None) with E the sum of their outputs.
@@ -386,20 +437,14 @@ class Attention(nn.Module):
 
     kernel_seg_BT = None  # segment ids, when causal + same segment (+ window) is the whole mask
     if prefix_2PKH is not None:  # keys/values every token attends to, before its own
-      p = prefix_2PKH.shape[1]
-      pk_BPKH, pv_BPKH = (jnp.broadcast_to(x.astype(k_BTKH.dtype), (b,) + x.shape)
-                          for x in prefix_2PKH)
       if self.decode:
         k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)
-        mask_B1TS = jnp.concatenate([jnp.ones((b, 1, t, p), bool), mask_B1TS], axis=-1)
       else:
         k_BSKH, v_BSKH = k_BTKH, v_BTKH
         idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask_B1TS = attention_mask(idx_BT + p, jnp.broadcast_to(jnp.arange(p + t), (b, p + t)),
-                                   seg_BT, jnp.concatenate([jnp.full((b, p), -1), seg_BT], 1),
-                                   cfg.sliding_window)
-      k_BSKH = jnp.concatenate([pk_BPKH, k_BSKH.astype(k_BTKH.dtype)], axis=1)
-      v_BSKH = jnp.concatenate([pv_BPKH, v_BSKH.astype(v_BTKH.dtype)], axis=1)
+        mask_B1TS = attention_mask(idx_BT, idx_BT, seg_BT, seg_BT, cfg.sliding_window)
+      k_BSKH, v_BSKH, mask_B1TS = with_prefix(prefix_2PKH, k_BSKH.astype(k_BTKH.dtype),
+                                              v_BSKH, mask_B1TS)
       is_causal = False
     elif self.decode:
       k_BSKH, v_BSKH, mask_B1TS = self._update_cache(k_BTKH, v_BTKH, seg_BT)

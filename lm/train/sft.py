@@ -1,10 +1,11 @@
-"""Task sft: supervised instruction fine-tuning of a decoder (lm/data/instruct.py's data).
+"""Task sft: supervised instruction fine-tuning of a decoder or a T5 (lm/data/instruct.py).
 
 The causal LM loss on the trained tokens only (completions / assistant turns and their EOS),
 over packed rows whose examples never attend to each other. data.path: JSON lines of
 {"prompt", "completion"} or {"messages": [...]} records (eval: data.eval_path, or the last
 data.val_fraction of them); "" -> the embedded fine-tuning set (lm/data/finetune_sets.py).
-Start from pre-trained weights with config.init_from; config.peft picks the method.
+Start from pre-trained weights with config.init_from; config.peft picks the method. An
+encoder-decoder reads the prompt in its encoder and learns the target in its decoder.
 
 Eval: eval/loss (per trained token; the best checkpoint keeps its lowest), eval/perplexity,
 eval/accuracy (argmax of the trained tokens) and eval/exact_match: the share of eval examples
@@ -20,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.train import tasks
 
@@ -38,14 +40,46 @@ def example_exact(pred_BT, batch) -> tuple[jax.Array, jax.Array]:
 
 
 class SFT(tasks.CausalLM):
-  """Instruction SFT (module docstring). Batches: CausalLM's."""
+  """Instruction SFT (module docstring). Batches: CausalLM's; for an encoder-decoder
+  SpanCorruption's plus decoder_positions (lm/data/instruct.py Seq2SeqExamples)."""
   name = 'sft'
 
   def __init__(self, config):
     super().__init__(config)
     family = config.model.get('family', 'decoder')
-    if family != 'decoder':
-      raise ValueError(f'task sft needs model.family=decoder, not {family!r}.')
+    if family not in ('decoder', 'encdec'):
+      raise ValueError(f'task sft needs model.family decoder or encdec, not {family!r}.')
+    self.seq2seq = family == 'encdec'
+
+  def batch_spec(self):
+    if not self.seq2seq:
+      return super().batch_spec()
+    b, m = self.config.train.batch_size, self.config.model
+    enc, dec = (b, m.max_len), (b, m.max_target_len)
+    return dict(encoder_inputs=(enc, np.int32), encoder_segment_ids=(enc, np.int32),
+                decoder_inputs=(dec, np.int32), decoder_targets=(dec, np.int32),
+                decoder_segment_ids=(dec, np.int32), decoder_positions=(dec, np.int32),
+                decoder_weights=(dec, np.float32))
+
+  def _logits(self, model, params, batch, rng, deterministic):
+    """Logits [B, T, V] and the batch under CausalLM's names (targets, weights, segments)."""
+    if not self.seq2seq:
+      return tasks._forward(model, params, batch, rng, deterministic), batch
+    logits_BTV = model.apply(
+        {'params': params}, batch['encoder_inputs'], batch['decoder_inputs'],
+        encoder_segment_ids_BS=batch['encoder_segment_ids'],
+        decoder_segment_ids_BT=batch['decoder_segment_ids'],
+        decoder_positions_BT=batch['decoder_positions'], deterministic=deterministic,
+        rngs=None if deterministic or rng is None else {'dropout': rng})
+    return logits_BTV, dict(targets=batch['decoder_targets'], weights=batch['decoder_weights'],
+                            segment_ids=batch['decoder_segment_ids'])
+
+  def loss(self, model, params, extra, batch, rng, deterministic):
+    if not self.seq2seq:
+      return super().loss(model, params, extra, batch, rng, deterministic)
+    logits_BTV, b = self._logits(model, params, batch, rng, deterministic)
+    s, w, _ = tasks._token_loss(logits_BTV, b['targets'], b['weights'])
+    return s, w, {}
 
   def data_iter(self, tokenizer, split, num_batches=None):
     from lm.data import instruct  # lazy: lm.data imports the tokenizers
@@ -56,7 +90,7 @@ class SFT(tasks.CausalLM):
   def eval_stats(self, model, params, extra, batch):
     del extra
     # pylint: disable=protected-access  (the same forward and token loss as the other tasks)
-    logits_BTV = tasks._forward(model, params, batch, None, True)
+    logits_BTV, batch = self._logits(model, params, batch, None, True)
     loss, weight, correct = tasks._token_loss(logits_BTV, batch['targets'], batch['weights'])
     exact, examples = example_exact(jnp.argmax(logits_BTV, -1), batch)
     return {'loss_sum': loss, 'weight': weight, 'correct': correct, 'exact': exact,

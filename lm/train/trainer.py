@@ -6,6 +6,7 @@ around it owns I/O.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import pathlib
@@ -81,9 +82,6 @@ def build(config, devices=None) -> Setup:
   config. devices: those of the mesh (default: all; a TPU topology's for AOT compiles)."""
   mesh = partitioning.make_mesh(config.mesh, devices)
   adapters = peft_lib.from_config(config.peft)
-  if adapters is not None and adapters.num_prefix and config.model.family != 'decoder':
-    raise ValueError(f'peft.method={adapters.method} is built for the decoder family; for '
-                     f'{config.model.family} use lora or qlora.')
   kernels = backend.select(config.runtime, mesh, adapters=adapters)
   model = models.get_model(config.model, config.runtime, kernels)
   task = tasks.get_task(config)
@@ -408,7 +406,8 @@ def init_source(config, log: Callable[[str], None] = print):
         'a Hugging Face model directory (config.json and *.safetensors).')
   with config.unlocked():
     heads = {k: config.model[k] for k in peft_lib.HEAD_FIELDS if config.model.get(k)}
-    config.model = saved.model if saved is not None else model_config
+    # A copy: the new heads set below must not reach the source's own config (its params).
+    config.model = copy.deepcopy(saved.model) if saved is not None else model_config
     for k, v in heads.items():
       if k not in config.model:
         raise ValueError(f'model.{k}={v} is not a field of the source model family '
