@@ -135,6 +135,31 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       chat_template="",
       finetune_examples=4000,
       finetune_eval=200,
+      # dpo (lm/train/align.py): beta, the KL strength / implicit-reward scale;
+      # label_smoothing > 0: conservative DPO (sigmoid loss); loss_type sigmoid | ipo;
+      # reference step (in the step: with LoRA/QLoRA the base, lora_b = 0; else a frozen
+      # copy of the initial params) | precomputed (once, from init_from's weights);
+      # rpo_alpha > 0: + alpha * the chosen response's NLL per token (RPO)
+      beta=0.1,
+      label_smoothing=0.0,
+      loss_type="sigmoid",
+      reference="step",
+      rpo_alpha=0.0,
+      # grpo / ppo (RL from feedback, lm/train/rl.py): prompts of the sft data, rewarded
+      reward="exact_match",  # a registered reward (lm/train/rewards.py) or rm:RUN_DIR
+      num_generations=0,  # responses per prompt (GRPO's group); 0: grpo 8, ppo 1
+      max_prompt_len=64,  # prompts left-padded to this; longer ones skipped (counted)
+      max_new_tokens=32,  # response cap (max_prompt_len + this <= model.max_len)
+      temperature=0.7,  # rollout sampling temperature (log-probs from logits / T)
+      epsilon=0.2,  # grpo: ratio clip
+      kl_beta=0.04,  # grpo: k3 KL weight (TRL's beta; 0: no reference pass)
+      kl_coef=0.05,  # ppo: per-token KL penalty in the reward
+      cliprange=0.2,  # ppo: policy ratio clip
+      cliprange_value=0.2,  # ppo: value clip around the rollout's values
+      vf_coef=0.1,  # ppo: value loss weight
+      gamma=1.0,  # ppo: GAE discount
+      lam=0.95,  # ppo: GAE lambda
+      updates_per_batch=1,  # optimizer updates on each rollout (TRL's num_iterations)
   ))
 
   # Parameter-efficient fine-tuning (lm/peft.py), from config.init_from's weights:

@@ -232,6 +232,35 @@ def test_round_trip_gives_the_original_tensors(name, tmp_path):
       transformers.AutoTokenizer.from_pretrained(d)('Hello world')['input_ids']
 
 
+@pytest.mark.parametrize('arch', ['GPT2ForSequenceClassification',
+                                  'LlamaForSequenceClassification'])
+def test_sequence_classifiers_match_transformers_and_round_trip(arch, tmp_path):
+  """A decoder with model.num_labels (a reward model: one label) is transformers'
+  ...ForSequenceClassification: the score on the last non-pad token, both ways."""
+  cfg = (dict(CASES['gpt2'][1], pad_token_id=3) if arch.startswith('GPT2') else
+         dict(SMALL, num_key_value_heads=2, pad_token_id=3))
+  config_cls = getattr(transformers, arch.replace('ForSequenceClassification', 'Config'))
+  torch.manual_seed(0)
+  d = tmp_path / 'hf'
+  getattr(transformers, arch)(config_cls(num_labels=1, **cfg)).eval().save_pretrained(d)
+  save_tokenizer('bytelevel', d)
+  hf.convert_from_hf(d, tmp_path / 'run')
+  model, params, config, _ = load_run(tmp_path / 'run')
+  assert config.model.num_labels == 1
+  ids = np.array(token_ids(2, 10)) % (V - 4) + 4  # never the pad id (3); row 2 right-padded
+  ids[1, 7:] = 3
+  seg = (ids != 3).astype(np.int32)
+  ours = model.apply({'params': params}, jnp.asarray(ids), segment_ids_BT=jnp.asarray(seg),
+                     head='classify')
+  with torch.no_grad():
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(d).eval()(
+        torch.tensor(ids)).logits.numpy()
+  assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4
+  hf.export_hf(tmp_path / 'run', tmp_path / 'out')
+  assert_same_tensors(d, tmp_path / 'out')
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())['architectures'] == [arch]
+
+
 def test_scanned_layers_import_and_export(tmp_path):
   name = 'llama3_gqa'
   workdir, config, params, _ = imported(name, scan_layers=True)

@@ -406,19 +406,15 @@ def test_nanogpt_reference_counts_flops_as_the_benchmark():
 
 
 def test_benchmark_prints_the_metrics_contract():
-  out = run_script(['scripts/benchmark.py', '--config=configs/tiny_gpt2.py', '--steps=3',
-                    '--warmup=1', '--config.model.vocab_size=64', '--config.model.d_model=32'])
-  assert out.returncode == 0, out.stderr[-3000:]
-  info, result = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
-  assert 5 <= info['warmup_steps'] <= 30 and info['steps'] == 3  # 1, then groups of 4
-  assert info['page_faults_per_step'] >= 0
-  assert result['tokens_per_sec'] > 0 and 0 < result['mfu'] < 1
-  assert result['model_flops_per_sec'] == pytest.approx(
-      result['tokens_per_sec'] * result['model_flops_per_token'])
   # Two steps a call (train.steps_per_call): --steps rounds up to whole calls.
   out = run_script(['scripts/benchmark.py', '--config=configs/tiny_gpt2.py', '--steps=3',
                     '--warmup=1', '--config.model.vocab_size=64', '--config.model.d_model=32',
                     '--config.train.steps_per_call=2'])
   assert out.returncode == 0, out.stderr[-3000:]
   info, result = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
-  assert info['steps'] == 4 and info['steps_per_call'] == 2 and result['tokens_per_sec'] > 0
+  assert info['steps'] == 4 and info['steps_per_call'] == 2
+  assert 5 <= info['warmup_steps'] <= 30  # 1, then groups of 4 (steps)
+  assert info['page_faults_per_step'] >= 0
+  assert result['tokens_per_sec'] > 0 and 0 < result['mfu'] < 1
+  assert result['model_flops_per_sec'] == pytest.approx(
+      result['tokens_per_sec'] * result['model_flops_per_token'])

@@ -504,9 +504,45 @@ def _llama_family(arch: str) -> Family:
                 functools.partial(_llama_rules, arch), ignore=r'rotary_emb\.inv_freq$')
 
 
+def _classifier_family(arch: str, lm_family: Family) -> Family:
+  """A decoder ...ForSequenceClassification: the causal LM's layout with `score` [labels, D]
+  (no bias; on the last non-pad token, found by pad_token_id, as lm's classifier) for the
+  head; lm's classifier bias must be zero (a Bradley-Terry reward model's stays zero). An
+  untied lm_head travels along when lm has one (transformers ignores it) and is tied away
+  when the checkpoint has none."""
+  def to_lm(hf):
+    labels = hf.get('id2label') or {}
+    return dict(lm_family.to_lm(hf), num_labels=len(labels) or hf.get('num_labels', 2))
+
+  def to_hf(m, base):
+    if not m['num_labels']:
+      raise ValueError(f'{arch} needs a classifier (model.num_labels > 0).')
+    labels = {str(i): f'LABEL_{i}' for i in range(m['num_labels'])}
+    if len(base.get('id2label') or {}) == m['num_labels']:
+      labels = {str(k): v for k, v in base['id2label'].items()}
+    hf = lm_family.to_hf(m, base)
+    return dict(hf, architectures=[arch], num_labels=m['num_labels'], id2label=labels,
+                label2id={v: int(k) for k, v in labels.items()})
+
+  def rules(m, hf):
+    return lm_family.rules(m, hf) + [
+        _one('score.weight', 'classifier/kernel', lambda w: w.T, lambda k: k.T),
+        Rule((), ('classifier/bias',))]
+
+  def heads(m, names):
+    return dict(m, tie_embeddings=m['tie_embeddings'] or 'lm_head.weight' not in names)
+
+  rename = lambda name: name if name.startswith('score.') else lm_family.rename(name)
+  return Family(to_lm, to_hf, rules, ignore=lm_family.ignore, rename=rename, heads=heads)
+
+
+_GPT2 = Family(_gpt2_to_lm, _gpt2_to_hf, _gpt2_rules, ignore=r'\.attn\.(masked_)?bias$',
+               rename=_gpt2_rename)
 ARCHS = {
-    'GPT2LMHeadModel': Family(_gpt2_to_lm, _gpt2_to_hf, _gpt2_rules,
-                              ignore=r'\.attn\.(masked_)?bias$', rename=_gpt2_rename),
+    'GPT2LMHeadModel': _GPT2,
+    'GPT2ForSequenceClassification': _classifier_family('GPT2ForSequenceClassification', _GPT2),
+    'LlamaForSequenceClassification': _classifier_family('LlamaForSequenceClassification',
+                                                         _llama_family('LlamaForCausalLM')),
     'LlamaForCausalLM': _llama_family('LlamaForCausalLM'),
     'MistralForCausalLM': _llama_family('MistralForCausalLM'),
     'Qwen2ForCausalLM': _llama_family('Qwen2ForCausalLM'),
@@ -514,7 +550,9 @@ ARCHS = {
     'T5ForConditionalGeneration': Family(_t5_to_lm, _t5_to_hf, _t5_rules,
                                          ignore=_T5_FAMILY_IGNORE),
 }
-MODEL_TYPES_BY_ARCH = {'GPT2LMHeadModel': 'gpt2', 'LlamaForCausalLM': 'llama',
+MODEL_TYPES_BY_ARCH = {'GPT2ForSequenceClassification': 'gpt2',
+                       'LlamaForSequenceClassification': 'llama',
+                       'GPT2LMHeadModel': 'gpt2', 'LlamaForCausalLM': 'llama',
                        'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2',
                        # model_type alone (no architectures) picks the last: BertModel
                        'RobertaForMaskedLM': 'roberta', 'BertForMaskedLM': 'bert',
@@ -569,8 +607,10 @@ def infer_architecture(m: dict) -> str:
     return ('BertForSequenceClassification' if m['num_labels'] else
             'BertForMaskedLM' if m['mlm_head'] else 'BertModel')
   if (m['pos_embedding'], m['norm'], m['mlp']) == ('learned', 'layernorm', 'gelu'):
-    return 'GPT2LMHeadModel'
+    return 'GPT2ForSequenceClassification' if m['num_labels'] else 'GPT2LMHeadModel'
   if (m['pos_embedding'], m['norm'], m['mlp']) == ('rope', 'rmsnorm', 'swiglu'):
+    if m['num_labels']:
+      return 'LlamaForSequenceClassification'
     return 'MistralForCausalLM' if m['sliding_window'] else 'LlamaForCausalLM'
   raise ValueError(f'No Hugging Face architecture here matches pos_embedding={m["pos_embedding"]}, '
                    f'norm={m["norm"]}, mlp={m["mlp"]} (GPT-2: learned/layernorm/gelu; Llama: '
@@ -756,6 +796,9 @@ def export_hf(workdir, out_dir, step: int | None = None, arch: str | None = None
   if base and architecture(base) != arch:  # keep only what does not depend on the layout
     base = {k: base[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id') if k in base}
   hf = ARCHS[arch].to_hf(m, base)
+  if (m.get('family', 'decoder') == 'decoder' and m['num_labels']
+      and hf.get('pad_token_id') is None):  # transformers finds the last token by it
+    hf['pad_token_id'] = checkpoint.read_tokenizer(workdir).pad_id
   hf.update(dtype=dtype, torch_dtype=dtype)  # both spellings: transformers >= 5 and older
   out_dtype = np.dtype({'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
                         'float16': np.float16}[dtype])

@@ -140,8 +140,20 @@ def build(config, devices=None) -> Setup:
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  prepare = getattr(task, 'prepare', None)
+  updates = getattr(task, 'updates_per_batch', 1)
+
   def train_step(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
+    if prepare is not None:  # e.g. RL rollouts: made once, then `updates` updates on them
+      with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
+        batch = prepare(model, full_params(state), state.get('extra'), batch,
+                        jax.random.fold_in(rng, 2**31 - 1))
+    for u in range(updates):  # one unless the task reuses its batch (PPO epochs)
+      state, metrics = update_step(state, batch, jax.random.fold_in(rng, u) if u else rng)
+    return dict(state, step=state['step'] + 1), metrics
+
+  def update_step(state, batch, rng):
     params, extra = state['params'], state.get('extra')
     grad_fn_ = functools.partial(grad_fn, frozen=state.get('frozen'))
     with nn.logical_axis_rules(partitioning.LOGICAL_RULES):
@@ -176,7 +188,7 @@ def build(config, devices=None) -> Setup:
     # checks before it evaluates, saves or returns a state, and stops. Keeping the old state
     # in the graph instead (a select on every leaf) made XLA copy the optimizer state each
     # step: +3% step time on shakespeare_char.
-    new_state = dict(state, step=state['step'] + 1, params=new_params, opt_state=opt_state)
+    new_state = dict(state, params=new_params, opt_state=opt_state)
     metrics = {'train/loss': loss, 'train/grad_norm': grad_norm,
                'train/lr': schedule(state['step']), 'finite': ok, 'tokens': weight_sum}
     metrics.update({f'train/{k}': v / denom for k, v in aux.items()})
