@@ -136,7 +136,8 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       finetune_examples=4000,
       finetune_eval=200,
       # dpo (lm/train/align.py): beta, the KL strength / implicit-reward scale;
-      # label_smoothing > 0: conservative DPO (sigmoid loss); loss_type sigmoid | ipo;
+      # label_smoothing > 0: conservative DPO (sigmoid loss); loss_type sigmoid | ipo (grpo:
+      # sigmoid = TRL's GRPO loss, or dr_grpo);
       # reference step (in the step: with LoRA/QLoRA the base, lora_b = 0; else a frozen
       # copy of the initial params) | precomputed (once, from init_from's weights);
       # rpo_alpha > 0: + alpha * the chosen response's NLL per token (RPO)

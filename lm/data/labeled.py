@@ -25,7 +25,6 @@ exactly (get_state/set_state), with the packed rows' order (pipeline._Order).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
@@ -235,28 +234,18 @@ def load_examples(config, tokenizer, split: str, names: tuple[str, ...]) -> Exam
   return encode(records, ids, tokenizer, config.model.max_len)
 
 
-# -- iterators: the packed rows' order, sharding and Grain dataset (lm/data/pipeline.py) ---
-_Order, _shard, _dataset = pipeline._Order, pipeline._shard, pipeline._dataset  # pylint: disable=protected-access
+# -- iterators (lm/data/pipeline.py: the packed rows' order, sharding and Grain dataset) --
 
 def make_train_iter(config, tokenizer, names: tuple[str, ...], process_index=None,
                     process_count=None):
   """Endless, shuffled, resumable (get_state/set_state) batches of this process."""
   examples = load_examples(config, tokenizer, config.data.train_split, names)
-  index, count, local_batch = _shard(config, process_index, process_count)
-  seed = config.train.seed % 2**32
-  order = _Order(len(examples), local_batch, index, count,
-                 seed=seed if config.data.shuffle else None)
-  return iter(_dataset(order, examples, sys.maxsize, None, seed, config))
+  return pipeline.examples_train_iter(config, examples, process_index, process_count)
 
 
 def make_eval_iter(config, tokenizer, names: tuple[str, ...], num_batches: int | None = None,
                    process_index=None, process_count=None):
   """One ordered pass over the eval examples (capped at num_batches: spread evenly)."""
   examples = load_examples(config, tokenizer, config.data.eval_split, names)
-  index, count, local_batch = _shard(config, process_index, process_count)
-  n = -(-len(examples) // config.train.batch_size)
-  spread = 0
-  if num_batches and num_batches < n:
-    n, spread = num_batches, num_batches * config.train.batch_size
-  order = _Order(len(examples), local_batch, index, count, wrap=False, spread=spread)
-  return _dataset(order, examples, n, None, 0, config)
+  return pipeline.examples_eval_iter(config, examples, num_batches, process_index,
+                                     process_count)

@@ -176,6 +176,31 @@ def _dataset(order: _Order, rows: PackedRows, num_batches: int, transform, seed:
   return it
 
 
+def examples_train_iter(config, examples, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+  """Endless, shuffled, resumable batches of this process over fixed examples (anything
+  with len() and batch(rows): labelled examples, preference pairs), in _Order's order."""
+  index, count, local_batch = _shard(config, process_index, process_count)
+  seed = config.train.seed % 2**32
+  order = _Order(len(examples), local_batch, index, count,
+                 seed=seed if config.data.shuffle else None)
+  return iter(_dataset(order, examples, sys.maxsize, None, seed, config))
+
+
+def examples_eval_iter(config, examples, num_batches: int | None = None,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> grain.IterDataset:
+  """One ordered pass over fixed examples (capped at num_batches: spread evenly); the last
+  batch is padded with examples of weight 0."""
+  index, count, local_batch = _shard(config, process_index, process_count)
+  n = -(-len(examples) // config.train.batch_size)
+  spread = 0
+  if num_batches and num_batches < n:
+    n, spread = num_batches, num_batches * config.train.batch_size
+  order = _Order(len(examples), local_batch, index, count, wrap=False, spread=spread)
+  return _dataset(order, examples, n, None, 0, config)
+
+
 def make_train_iter(config, tokenizer, process_index: int | None = None,
                     process_count: int | None = None, *,
                     doc_transform: DocTransform | None = None,

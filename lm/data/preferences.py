@@ -38,7 +38,6 @@ permutation per epoch from train.seed and resumes exactly (pipeline._Order).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import numpy as np
 
@@ -261,28 +260,15 @@ def load_examples(config, tokenizer, train: bool, log=print) -> PairExamples:
                 log)
 
 
-# -- iterators --------------------------------------------------------------------------
-
-# pylint: disable-next=protected-access  (pipeline's row order, sharding and Grain dataset)
-_Order, _shard, _dataset = pipeline._Order, pipeline._shard, pipeline._dataset
-
+# -- iterators (lm/data/pipeline.py: the order, sharding and Grain dataset) ------------
 
 def make_train_iter(config, examples: PairExamples, process_index=None, process_count=None):
   """Endless, shuffled, resumable (get_state/set_state) batches of this process."""
-  index, count, local_batch = _shard(config, process_index, process_count)
-  seed = config.train.seed % 2**32
-  order = _Order(len(examples), local_batch, index, count,
-                 seed=seed if config.data.shuffle else None)
-  return iter(_dataset(order, examples, sys.maxsize, None, seed, config))
+  return pipeline.examples_train_iter(config, examples, process_index, process_count)
 
 
 def make_eval_iter(config, examples: PairExamples, num_batches: int | None = None,
                    process_index=None, process_count=None):
   """One ordered pass over the eval pairs (capped at num_batches: spread evenly)."""
-  index, count, local_batch = _shard(config, process_index, process_count)
-  n = -(-len(examples) // config.train.batch_size)
-  spread = 0
-  if num_batches and num_batches < n:
-    n, spread = num_batches, num_batches * config.train.batch_size
-  order = _Order(len(examples), local_batch, index, count, wrap=False, spread=spread)
-  return _dataset(order, examples, n, None, 0, config)
+  return pipeline.examples_eval_iter(config, examples, num_batches, process_index,
+                                     process_count)

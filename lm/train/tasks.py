@@ -515,4 +515,5 @@ def get_task(config) -> Task:
     raise ValueError(f'Unknown task.name {name!r}; known: {sorted(TASKS)}.')
   return TASKS[name](config)
 from lm.train import sft  # noqa: E402,F401  (registers task sft)
+from lm.train import rl  # noqa: E402,F401  (registers tasks grpo, ppo)
 from lm.train import align  # noqa: E402,F401  (registers tasks dpo, reward)
