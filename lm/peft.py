@@ -176,6 +176,13 @@ def merge(params, adapters: Adapters, sign: float = 1.0):
   return _unflat(flat)
 
 
+def adapters_off(params):
+  """The params with every lora_b zero: a LoRA-adapted model is then exactly its base (the
+  reference model of DPO and RL runs, with no second copy of the weights)."""
+  return _unflat({k: jnp.zeros_like(v) if k.endswith('/lora_b') else v
+                  for k, v in _flat(params).items()})
+
+
 def unmerge(merged, adapters_params, adapters: Adapters):
   """The base kernels back from merged ones: merged - scale * a @ b, for the given
   adapters (their lora_a/lora_b leaves at the same paths)."""

@@ -231,7 +231,7 @@ def test_lora_reference_is_the_base_exactly(tiny):
   logps = jax.jit(functools.partial(align.sequence_logps, lora_model))
   base = np.asarray(jax.jit(functools.partial(align.sequence_logps, tiny['model']))(
       tiny['params'], batch)[0])
-  ref = np.asarray(logps(align.base_of_lora(lora), batch)[0])
+  ref = np.asarray(logps(peft.adapters_off(lora), batch)[0])
   np.testing.assert_allclose(ref, base, rtol=1e-6, atol=1e-6)
   assert np.abs(np.asarray(logps(lora, batch)[0]) - base).max() > 1e-3  # the policy differs
   task = tasks.get_task(c)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import models
+from lm import models, peft
 from lm.config import base_config
 from lm.ops.backend import Kernels
 from lm.train import flops, metrics as metrics_lib, rewards, rl, tasks, trainer
@@ -170,7 +170,7 @@ def test_lora_reference_is_exactly_the_base(run):
   full = trainer.full_params(state)
   assert np.abs(np.asarray(full['layers_0']['attn']['query']['lora_b'])).max() > 0
   tokens = jnp.array([[5, 9, 77, 3, 41, 41, 8, 100]])
-  ref = setup.model.apply({'params': rl.lora_reference(full)}, tokens)
+  ref = setup.model.apply({'params': peft.adapters_off(full)}, tokens)
   base_model = models.get_model(setup.config.model, setup.config.runtime, Kernels())
   base = base_model.apply({'params': state['frozen']}, tokens)
   np.testing.assert_array_equal(np.asarray(ref), np.asarray(base))

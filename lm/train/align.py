@@ -37,11 +37,11 @@ the new head too (peft.train_also defaults to 'classifier').
 """
 from __future__ import annotations
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import peft
 from lm.train import tasks
 
 REFERENCES = ('step', 'precomputed')
@@ -81,13 +81,6 @@ def sequence_logps(model, params, batch, rng=None, deterministic=True):
   lp_RT = jnp.where(weights_RT > 0, tasks.token_log_probs(logits_RTV, rows['targets']), 0.0)
   return (jnp.sum(lp_RT * weights_RT, -1).reshape(b, 2),
           jnp.sum(weights_RT, -1).reshape(b, 2))
-
-
-def base_of_lora(params):
-  """The params with every lora_b zero: the LoRA-adapted model is then exactly its base."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict(
-      {k: jnp.zeros_like(v) if k[-1] == 'lora_b' else v for k, v in flat.items()})
 
 
 def reference_logps(model, params, examples, batch_size: int = 32) -> np.ndarray:
@@ -213,7 +206,7 @@ class DPO(_Pairs):
   def _ref_logps(self, model, params, extra, batch):
     if self.reference == 'precomputed':
       return batch['ref_logps'].astype(jnp.float32)
-    ref = base_of_lora(params) if self.lora else extra['reference']
+    ref = peft.adapters_off(params) if self.lora else extra['reference']
     return jax.lax.stop_gradient(sequence_logps(model, ref, batch)[0])
 
   def _pair_stats(self, model, params, extra, batch, rng, deterministic):

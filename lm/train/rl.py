@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import peft
 from lm.train import rewards as rewards_lib
 from lm.train import tasks
 
@@ -131,13 +132,6 @@ def clipped_value_loss(values, old_values, returns, mask, clip: float):
   clipped = jnp.clip(values, old_values - clip, old_values + clip)
   l1, l2 = jnp.square(values - returns), jnp.square(clipped - returns)
   return 0.5 * masked_mean(jnp.maximum(l1, l2), mask), masked_mean((l2 > l1) * 1.0, mask)
-
-
-def lora_reference(params):
-  """The base model of a LoRA run: params with every lora_b leaf zero (adapters off)."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict(
-      {k: (jnp.zeros_like(v) if k[-1] == 'lora_b' else v) for k, v in flat.items()})
 
 
 def response_mask(resp_NR, eos_id: int):
@@ -326,7 +320,6 @@ class _RL(tasks.Task):
   def _trained_base_leaves(self, params) -> dict:
     """LoRA: the base leaves peft.train_also trains too (e.g. the final norm), the value
     head 'classifier' aside: the reference needs their starting values (a small copy)."""
-    from lm import peft  # lazy: as the trainer imports it
     flat = flax.traverse_util.flatten_dict(params, sep='/')
     also = self.config.peft.train_also
     return {k: jnp.copy(v) for k, v in flat.items()
@@ -346,7 +339,7 @@ class _RL(tasks.Task):
 
   def reference_params(self, params, extra):
     if self.lora:
-      ref = lora_reference(jax.lax.stop_gradient(params))
+      ref = peft.adapters_off(jax.lax.stop_gradient(params))
       if extra and 'reference_leaves' in extra:
         flat = flax.traverse_util.flatten_dict(ref, sep='/')
         flat.update(extra['reference_leaves'])
