@@ -532,10 +532,6 @@ def make_eval_iter(config, tokenizer, num_batches: int | None = None, process_in
   rows spread evenly over the split); the last batch is padded with empty rows."""
   examples = load_examples(config, tokenizer, False)
   rows = pack(examples.lengths, np.arange(len(examples)), examples.seq_len)
-  index, count, local_batch = _shard(config, process_index, process_count)
-  n = -(-len(rows) // config.train.batch_size)
-  spread = 0
-  if num_batches and num_batches < n:
-    n, spread = num_batches, num_batches * config.train.batch_size
-  order = _Order(len(rows), local_batch, index, count, wrap=False, spread=spread)
+  order, n, _ = pipeline.eval_order(config, len(rows), num_batches, process_index,
+                                    process_count)
   return _dataset(_EvalOrder(order, rows), examples, n, None, 0, config)

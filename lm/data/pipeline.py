@@ -176,6 +176,18 @@ def _dataset(order: _Order, rows: PackedRows, num_batches: int, transform, seed:
   return it
 
 
+def eval_order(config, num_items: int, num_batches: int | None, process_index=None,
+               process_count=None) -> tuple['_Order', int, int]:
+  """(order, batches, this process's index) of one ordered eval pass over num_items rows;
+  a pass capped at num_batches samples the whole split evenly, not its start."""
+  index, count, local_batch = _shard(config, process_index, process_count)
+  n = -(-num_items // config.train.batch_size)
+  spread = 0
+  if num_batches and num_batches < n:
+    n, spread = num_batches, num_batches * config.train.batch_size
+  return _Order(num_items, local_batch, index, count, wrap=False, spread=spread), n, index
+
+
 def examples_train_iter(config, examples, process_index: int | None = None,
                         process_count: int | None = None) -> grain.DatasetIterator:
   """Endless, shuffled, resumable batches of this process over fixed examples (anything
@@ -192,12 +204,7 @@ def examples_eval_iter(config, examples, num_batches: int | None = None,
                        process_count: int | None = None) -> grain.IterDataset:
   """One ordered pass over fixed examples (capped at num_batches: spread evenly); the last
   batch is padded with examples of weight 0."""
-  index, count, local_batch = _shard(config, process_index, process_count)
-  n = -(-len(examples) // config.train.batch_size)
-  spread = 0
-  if num_batches and num_batches < n:
-    n, spread = num_batches, num_batches * config.train.batch_size
-  order = _Order(len(examples), local_batch, index, count, wrap=False, spread=spread)
+  order, n, _ = eval_order(config, len(examples), num_batches, process_index, process_count)
   return _dataset(order, examples, n, None, 0, config)
 
 
@@ -232,13 +239,7 @@ def make_eval_iter(config, tokenizer, process_index: int | None = None,
   """
   rows = load_rows(config, tokenizer, config.data.eval_split, doc_transform, 'evaluation',
                    seq_len)
-  index, count, local_batch = _shard(config, process_index, process_count)
-  n = -(-len(rows) // config.train.batch_size)
-  spread = 0
-  if num_batches and num_batches < n:  # a capped pass samples the whole split, not its start
-    n = num_batches
-    spread = n * config.train.batch_size
-  order = _Order(len(rows), local_batch, index, count, wrap=False, spread=spread)
+  order, n, index = eval_order(config, len(rows), num_batches, process_index, process_count)
   return _dataset(order, rows, n, transform, (config.train.seed * 7919 + index + 1) % 2**32,
                   config)
 
