@@ -3,7 +3,7 @@
 Each `configs/NAME.py` calls `base_config(family)` and overrides fields. Sections:
 `model` (architecture, one schema per family, saved with the checkpoint and compared on
 resume), `runtime` (dtype, remat, scan, attention, dropout: free to change on resume),
-`task`, `peft`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, and `init_from`. The returned
+`task`, `peft`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, `eval`, and `init_from`. The returned
 ConfigDict is locked, so a misspelt `--config.train.stpes=...` is rejected with the valid
 keys near it instead of silently adding a field.
 """
@@ -255,6 +255,16 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
   ))
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # Evaluation tasks (lm/eval/tasks.py, as scripts/evaluate.py --tasks takes them) run at
+  # train.eval_every beside the task's own eval, logged as eval/TASK/METRIC.
+  c.eval = mlc.ConfigDict(dict(
+      tasks="",  # comma-separated: embedded names, KIND:PATH or FILE.yaml ("": none)
+      limit=0,  # examples per task (0: all)
+      num_fewshot=-1,  # -1: each task's own
+      batch_size=32,
+      seed=0,
+  ))
 
   c.lock()
   return c

@@ -19,7 +19,9 @@ def _logprobs(model, params, tokens_BT):
   return jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
 
 
-def _bucket(n: int, limit: int) -> int:
+def bucket(n: int, limit: int) -> int:
+  """A padded length for n tokens: a power of two from 16, at most `limit` (unless n is
+  longer): one compile per bucket."""
   return min(max(16, 1 << (n - 1).bit_length()), max(limit, n))
 
 
@@ -37,7 +39,7 @@ def score(model, params, sequences: list[list[int]]) -> list[dict]:
     if cfg.pos_embedding == 'learned' and len(ids) > cfg.max_len:
       raise ValueError(f'{len(ids)} tokens exceed the model\'s context of {cfg.max_len} '
                        '(model.max_len, learned positions); score a shorter text.')
-  length = _bucket(max(map(len, sequences)), cfg.max_len)
+  length = bucket(max(map(len, sequences)), cfg.max_len)
   tokens = np.zeros((len(sequences), length), np.int32)
   for row, ids in zip(tokens, sequences):
     row[:len(ids)] = ids

@@ -150,7 +150,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int = 1
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: int | None = None, pad_id: int = 0, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False,
-             return_scores: bool = False):
+             return_scores: bool = False, pad_to: int = 0):
   """New token ids for each prompt (ids), cut after EOS; for an encoder-decoder the
   prompt is the encoder's input and the ids exclude the decoder's start token.
 
@@ -158,6 +158,8 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int = 1
   length_penalty and early_stopping (True | False | 'never') as transformers' generate.
   return_scores: (ids, scores): a beam's score is transformers' sequences_scores (sum of
   log-probs / length ** length_penalty); otherwise the sum of the ids' log-probs.
+  pad_to: pad the prompts to at least this many tokens (fixed shapes over many calls: one
+  compile per length bucket, lm/eval/harness.py).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('Every prompt needs at least one token (add a BOS token or some text).')
@@ -190,6 +192,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int = 1
       if eos_id is not None and eos_id in out:
         return [new[:new.index(eos_id) + 1]]
     return [new]
+  longest = max(longest, pad_to)
   tokens = np.full((len(prompts), longest), pad_id, np.int32)
   for i, p in enumerate(prompts):
     if family == 'decoder':

@@ -309,7 +309,29 @@ def evaluate(setup: Setup, state, tokenizer) -> dict:
     stats = setup.eval_step(full_params(state), state.get('extra'), global_batch(setup, local))
     for k, v in jax.device_get(stats).items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  return setup.task.eval_metrics(totals)
+  metrics = setup.task.eval_metrics(totals)
+  if setup.config.get('eval') and setup.config.eval.tasks:
+    metrics.update(evaluate_tasks(setup, full_params(state), tokenizer))
+  return metrics
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_task(spec: str, num_fewshot: int):
+  from lm.eval import tasks as eval_tasks  # lazy: the metrics' libraries
+  return eval_tasks.resolve(spec, num_fewshot=None if num_fewshot < 0 else num_fewshot)
+
+
+def evaluate_tasks(setup: Setup, params, tokenizer) -> dict:
+  """config.eval.tasks on the current params, as eval/TASK/METRIC (lm/eval/harness.py)."""
+  from lm.eval import harness
+  c = setup.config.eval
+  evaluator = harness.Evaluator(setup.model, params, tokenizer, setup.config,
+                                batch_size=c.batch_size, seed=c.seed)
+  out = {}
+  for spec in (s.strip() for s in c.tasks.split(',') if s.strip()):
+    result = evaluator.run(_eval_task(spec, c.num_fewshot), limit=c.limit)
+    out.update({f'eval/{spec}/{k}': float(v) for k, v in result.metrics.items()})
+  return out
 
 
 def restore_in_layout(restore: Callable, abstract, shardings, saved_scan: bool,
