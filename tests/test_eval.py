@@ -382,3 +382,31 @@ def test_tasks_during_training_on_the_mesh_equal_the_script(data_dir, tmp_path):
       tasks.resolve(f'multiple_choice:{mc}'), limit=5)
   assert logged[f'eval/multiple_choice:{mc}/acc'] == r.metrics['acc']
   assert logged[f'eval/multiple_choice:{mc}/acc_norm'] == r.metrics['acc_norm']
+
+
+def test_task_from_a_tfds_catalog_dataset(tmp_path):
+  """A task file naming a TFDS catalog dataset (a tiny one registered here, as glue/sst2
+  would be downloaded), its features renamed to the record's fields."""
+  import tensorflow_datasets as tfds
+
+  class TinyEvalSst(tfds.core.GeneratorBasedBuilder):  # registered as 'tiny_eval_sst'
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'sentence': tfds.features.Text(), 'label': tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      return {'validation': self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {'sentence': f'sentence {i}', 'label': i % 2}
+
+  (tmp_path / 't.yaml').write_text(f'kind: classification\ntfds: tiny_eval_sst\n'
+                                   f'data_dir: {tmp_path}\nfields: {{text: sentence}}\n')
+  task = tasks.resolve(str(tmp_path / 't.yaml'))
+  assert sorted((r['text'], r['label']) for r in tasks.load_records(task)) == [
+      ('sentence 0', 0), ('sentence 1', 1), ('sentence 2', 0)]
+  with pytest.raises(ValueError, match="no split 'test'"):
+    tasks.load_records(tasks.dataclasses.replace(task, split='test'))

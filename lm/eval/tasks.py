@@ -4,8 +4,8 @@ A task is named on the command line (`--tasks=NAME,...`) in one of three ways:
   NAME       an embedded task (EMBEDDED below: no files, no network)
   KIND:PATH  a JSON-lines file of one kind, default settings (a .txt file for perplexity,
              a CrowS-Pairs .csv for bias_pairs)
-  FILE.yaml  a task file: `kind`, `path` (relative to the YAML's folder) and any settings
-             of Task below, e.g.
+  FILE.yaml  a task file: `kind`, `path` (relative to the YAML's folder) or `tfds` (a
+             TFDS catalog name, online) and any settings of Task below, e.g.
                kind: multiple_choice
                path: arc.jsonl
                num_fewshot: 5
@@ -37,8 +37,15 @@ class Task:
   """A task's records and settings; defaults follow lm-eval-harness where it has one."""
   name: str  # as given on the command line (the results' key)
   kind: str
-  path: str = ''  # the records' file ('' when `records` are given)
+  path: str = ''  # the records' file ('' when `records` or `tfds` are given)
   records: list | None = None  # parsed records (embedded tasks), else read from path
+  # or a TFDS catalog dataset's split (built as array_record on first use: needs the
+  # internet once), its features renamed to the record's fields by `fields`, e.g.
+  # {text: sentence} for glue/sst2
+  tfds: str = ''
+  split: str = 'validation'
+  fields: dict | None = None
+  data_dir: str = ''  # where TFDS builds ('': ~/.cache/lm/tfds)
   # perplexity: windows of max_len tokens every stride tokens (0: the model's context, half)
   max_len: int = 0
   stride: int = 0
@@ -150,9 +157,28 @@ def read_records(kind: str, path: str) -> list[dict]:
   return out
 
 
+def catalog_records(task: Task) -> list[dict]:
+  """The checked records of a TFDS catalog dataset's split (task.tfds, task.split)."""
+  import os
+  from lm.data import sources
+  root = os.path.expanduser(task.data_dir or sources.DEFAULT_DATA_DIR)
+  builder = sources._catalog_builder(task.tfds, sources.epath.Path(root))
+  if task.split not in builder.info.splits:
+    raise ValueError(f'{task.tfds} has no split {task.split!r} (it has '
+                     f'{sorted(builder.info.splits)}); set split: in the task file.')
+  source = builder.as_data_source(task.split)
+  rename = {v: k for k, v in (task.fields or {}).items()}  # feature -> record field
+  value = lambda v: (v.decode('utf-8') if isinstance(v, bytes) else
+                     v.item() if hasattr(v, 'item') else v)
+  return [parse_record(task.kind, {rename.get(k, k): value(v) for k, v in source[i].items()},
+                       f'{task.tfds}[{task.split}] example {i}') for i in range(len(source))]
+
+
 def load_records(task: Task) -> list[dict]:
   if task.records is not None:
     return task.records
+  if task.tfds:
+    return catalog_records(task)
   return read_records(task.kind, task.path)
 
 
@@ -240,8 +266,9 @@ def _from_yaml(spec: str) -> Task:
   for key in ('stop', 'perturb'):
     if key in data:
       data[key] = tuple([data[key]] if isinstance(data[key], str) else data[key])
-  if not data.get('path'):
-    raise ValueError(f'{spec}: "path" (the records\' file) is missing.')
+  if not data.get('path') and not data.get('tfds'):
+    raise ValueError(f'{spec}: "path" (the records\' file) or "tfds" (a catalog name) is '
+                     'missing.')
   return Task(name=spec, **data)
 
 
