@@ -3,9 +3,9 @@
 Each `configs/NAME.py` calls `base_config(family)` and overrides fields. Sections:
 `model` (architecture, one schema per family, saved with the checkpoint and compared on
 resume), `runtime` (dtype, remat, scan, attention, dropout: free to change on resume),
-`task`, `peft`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, `eval`, and `init_from`. The returned
-ConfigDict is locked, so a misspelt `--config.train.stpes=...` is rejected with the valid
-keys near it instead of silently adding a field.
+`task`, `peft`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, `quant`, `eval`, and
+`init_from`. The returned ConfigDict is locked, so a misspelt `--config.train.stpes=...` is
+rejected with the valid keys near it instead of silently adding a field.
 """
 from __future__ import annotations
 
@@ -255,6 +255,16 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
   ))
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # Post-training weight quantization (lm/compress/quantize.py; written by
+  # scripts/quantize.py, read by everything that loads a run; not trainable).
+  c.quant = mlc.ConfigDict(dict(
+      method="none",  # none | int8 (per channel) | int4 (groups) | nf4 (blocks of 64)
+      group_size=128,  # int4: consecutive inputs sharing a scale
+      block_size=64,  # nf4
+      asymmetric=False,  # int8/int4: a zero point (min) beside the scale
+      targets="",  # regex over Linear module paths ("": every projection)
+  ))
 
   # Evaluation tasks (lm/eval/tasks.py, as scripts/evaluate.py --tasks takes them) run at
   # train.eval_every beside the task's own eval, logged as eval/TASK/METRIC.

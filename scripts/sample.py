@@ -36,6 +36,9 @@ _LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 1.0, 'Beam hypotheses sco
 _EARLY_STOPPING = flags.DEFINE_bool('early_stopping', False, 'Beam search stops a prompt once '
                                     'num_beams hypotheses are done (transformers\' True).')
 _JSON = flags.DEFINE_bool('json', False, 'One JSON line per prompt (prompt_ids, token_ids, text).')
+_BENCHMARK = flags.DEFINE_integer('benchmark', 0, 'Instead of printing: time this many greedy '
+                                  'decodes of max_new_tokens (no EOS stop) after a warm-up '
+                                  'one; one JSON line with decode tokens/s.')
 
 
 def _parse_ids(values) -> list[list[int]]:
@@ -80,6 +83,22 @@ def main(argv):
     texts = _PROMPT.value
     prompts = [sampling.encode_prompt(tokenizer, t, family) for t in texts]
   eos = tokenizer.eos_id
+  if _BENCHMARK.value:
+    import time
+    run = lambda: sampling.generate(model, params, prompts, max_new_tokens=_MAX_NEW.value,
+                                    temperature=0.0)
+    run()  # compiles
+    times = []
+    for _ in range(_BENCHMARK.value):
+      start = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - start)
+    best = min(times)
+    print(json.dumps(dict(decode_tokens_per_sec=len(prompts) * _MAX_NEW.value / best,
+                          best_s=best, median_s=sorted(times)[len(times) // 2],
+                          batch=len(prompts), max_new_tokens=_MAX_NEW.value,
+                          quant=config.get('quant', {}).get('method', 'none'))))
+    return
   for text, ids in zip(texts, prompts):
     try:
       if family == 'encoder':

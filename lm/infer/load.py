@@ -33,7 +33,9 @@ def build_model(config, mesh: Mesh | None = None, adapters='config') -> nn.Modul
     mesh = partitioning.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   if adapters == 'config':
     adapters = peft.from_config(config.peft)
-  kernels = backend.select(config.runtime, mesh, adapters=adapters)
+  from lm.compress import quantize  # post-training quantized kernels (scripts/quantize.py)
+  kernels = backend.select(config.runtime, mesh, adapters=adapters,
+                           quant=quantize.from_config(config.get('quant')))
   return models.get_model(config.model, config.runtime, kernels)
 
 

@@ -142,8 +142,11 @@ class Linear(nn.Module):
     shape = in_shape + tuple(self.features)
     adapters = self.kernels.adapters
     lora = adapters is not None and adapters.targets_module(self.scope.path)
+    quant = self.kernels.quant
     if lora and adapters.method == 'qlora':
       kernel = self._nf4_kernel(shape, adapters.nf4_block)
+    elif quant is not None and quant.targets_module(self.scope.path):
+      kernel = self._quantized_kernel(shape, quant)
     else:
       kernel = self.param('kernel', normal_init(self.init_std, self.axes), shape,
                           self.param_dtype)
@@ -176,6 +179,23 @@ class Linear(nn.Module):
     delta = contract(contract(h, a.astype(self.dtype), n_in), b.astype(self.dtype), 1)
     y = y + (adapters.scale * delta).astype(y.dtype)
     return activation_ops.gelu_tanh(y) if self.activation == 'gelu' else y
+
+  def _quantized_kernel(self, shape, quant) -> Array:
+    """The kernel from its post-training quantized params (lm/compress/quantize.py), in
+    the compute dtype; created from a random kernel at init (scripts/quantize.py writes the
+    real ones)."""
+    if quant.method == 'nf4':
+      return self._nf4_kernel(shape, quant.block_size)
+    from lm.compress import quantize
+    make = lambda rng: quantize.quantize(
+        nn.initializers.normal(self.init_std)(rng, shape), self.in_dims, quant)
+    q = {}
+    for name, (s, dtype) in quantize.param_shapes(shape, self.in_dims, quant).items():
+      axes = self.axes if s == tuple(shape) else (
+          self.axes[self.in_dims:] if s == tuple(shape[self.in_dims:]) else (None,) * len(s))
+      q[name] = self.param(name, nn.with_logical_partitioning(
+          lambda rng, *_, name=name: make(rng)[name], axes), s, dtype)
+    return quantize.dequantize(q, shape, self.in_dims, quant, self.dtype)
 
   def _nf4_kernel(self, shape, block: int) -> Array:
     """The kernel from its NF4 params (lm/ops/nf4.py), in the compute dtype. The params are

@@ -37,6 +37,7 @@ class Kernels:
   platform: 'cpu', 'gpu' or 'tpu', of the mesh's devices.
   mesh: the run's mesh, for kernels that must be wrapped in shard_map (splash).
   adapters: lm.peft.Adapters (LoRA, QLoRA, prompt or prefix tuning) or None.
+  quant: lm.compress.quantize.Quant (post-training quantized kernels) or None.
   """
   attention: str = 'xla'
   cpu_ops: bool = False
@@ -45,9 +46,10 @@ class Kernels:
   platform: str = 'cpu'
   mesh: Any = None
   adapters: Any = None
+  quant: Any = None
 
 
-def select(runtime, mesh, *, adapters=None) -> Kernels:
+def select(runtime, mesh, *, adapters=None, quant=None) -> Kernels:
   """The run's choices from its runtime config and mesh (see Kernels).
 
   adapters: lm.peft.Adapters or None. LoRA deltas and NF4 weights hook into each
@@ -75,9 +77,10 @@ def select(runtime, mesh, *, adapters=None) -> Kernels:
     attention = 'xla'  # asked for a kernel this backend does not have
   if adapters is not None and adapters.num_prefix and attention in ('cpu', 'splash'):
     attention = 'xla'
-  return Kernels(attention=attention, cpu_ops=cpp, fused_qkv=one_cpu and adapters is None,
+  return Kernels(attention=attention, cpu_ops=cpp,
+                 fused_qkv=one_cpu and adapters is None and quant is None,
                  fused_adamw=cpp, platform=platform, mesh=None if one_cpu else mesh,
-                 adapters=adapters)
+                 adapters=adapters, quant=quant)
 
 
 def compiler_options(runtime, kernels: Kernels) -> dict | None:

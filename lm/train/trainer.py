@@ -80,6 +80,10 @@ def saved_state(state):
 def build(config, devices=None) -> Setup:
   """Mesh, kernels, model, task, optimizer, shardings and the jitted steps for a resolved
   config. devices: those of the mesh (default: all; a TPU topology's for AOT compiles)."""
+  if config.get('quant') and config.quant.method != 'none':
+    raise ValueError(f'config.quant.method={config.quant.method!r}: a post-training quantized '
+                     'run is for inference (sample, score, evaluate, serve). Train the float '
+                     'run, or fine-tune on a 4-bit base with --config.peft.method=qlora.')
   mesh = partitioning.make_mesh(config.mesh, devices)
   adapters = peft_lib.from_config(config.peft)
   kernels = backend.select(config.runtime, mesh, adapters=adapters)
@@ -406,6 +410,9 @@ def init_source(config, log: Callable[[str], None] = print):
   config = config.copy_and_resolve_references()
   if (src / 'checkpoints').is_dir():
     saved = ckpt_lib.read_config(src)
+    if saved.get('quant') and saved.quant.method != 'none':
+      raise ValueError(f'init_from={src} is a quantized run ({saved.quant.method}); start from '
+                       'the float run it was quantized from.')
     tokenizer = ckpt_lib.read_tokenizer(src)
     source_ckpt = ckpt_lib.Checkpointer(src, None, read_only=True)
     step = source_ckpt.latest_step()

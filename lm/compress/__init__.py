@@ -1,0 +1,1 @@
+"""Making models smaller: post-training quantization (quantize.py)."""
