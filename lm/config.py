@@ -161,6 +161,11 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       gamma=1.0,  # ppo: GAE discount
       lam=0.95,  # ppo: GAE lambda
       updates_per_batch=1,  # optimizer updates on each rollout (TRL's num_iterations)
+      # distill (lm/train/distill.py): a frozen teacher run of the same tokenizer;
+      # loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross entropy
+      teacher="",
+      distill_alpha=0.5,
+      distill_temperature=2.0,
   ))
 
   # Parameter-efficient fine-tuning (lm/peft.py), from config.init_from's weights:

@@ -69,6 +69,12 @@ class Task:
     del params
     return {}
 
+  def load_extra(self, mesh) -> dict | None:
+    """Extra state read from elsewhere at the start of a new run (a teacher's weights, on
+    `mesh`), replacing init_extra's; None: keep init_extra's."""
+    del mesh
+    return None
+
   def loss(self, model, params, extra, batch: Batch, rng, deterministic: bool):
     raise NotImplementedError
 
@@ -517,3 +523,4 @@ def get_task(config) -> Task:
 from lm.train import sft  # noqa: E402,F401  (registers task sft)
 from lm.train import rl  # noqa: E402,F401  (registers tasks grpo, ppo)
 from lm.train import align  # noqa: E402,F401  (registers tasks dpo, reward)
+from lm.train import distill  # noqa: E402,F401  (registers task distill)

@@ -389,6 +389,30 @@ def with_source(setup: Setup, state, source: Callable):
               frozen=jax.device_put(frozen, setup.state_shardings['frozen']))
 
 
+def latest_step(src, what: str) -> int:
+  ckpt = ckpt_lib.Checkpointer(src, None, read_only=True)
+  step = ckpt.latest_step()
+  ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f'{what}={src} has no checkpoint yet.')
+  return step
+
+
+def restore_run_params(src, saved, runtime, mesh):
+  """The newest params of the lm run in `src` (its config `saved`), sharded on `mesh` by
+  the logical rules, in `runtime`'s layer layout (scanned or not)."""
+  step = latest_step(src, 'run')
+  ckpt = ckpt_lib.Checkpointer(src, None, read_only=True)
+  target = source_params(saved.model, runtime, mesh)
+  try:
+    return restore_in_layout(
+        lambda target: ckpt.restore_params(step, target), target,
+        jax.tree.map(lambda x: x.sharding, target), saved.runtime.scan_layers,
+        runtime.scan_layers, mesh.devices.flat[0])
+  finally:
+    ckpt.close()
+
+
 def source_params(model_config, runtime, mesh):
   """ShapeDtypeStructs, with their shardings on mesh, of the plain model that model_config
   describes (a source's own params: no adapters, no new heads)."""
@@ -414,20 +438,11 @@ def init_source(config, log: Callable[[str], None] = print):
       raise ValueError(f'init_from={src} is a quantized run ({saved.quant.method}); start from '
                        'the float run it was quantized from.')
     tokenizer = ckpt_lib.read_tokenizer(src)
-    source_ckpt = ckpt_lib.Checkpointer(src, None, read_only=True)
-    step = source_ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'init_from={src} has no checkpoint yet.')
+    step = latest_step(src, 'init_from')
 
     def load(setup, fresh):
       del fresh
-      target = source_params(saved.model, config.runtime, setup.mesh)
-      params = restore_in_layout(
-          lambda target: source_ckpt.restore_params(step, target), target,
-          jax.tree.map(lambda x: x.sharding, target), saved.runtime.scan_layers,
-          config.runtime.scan_layers, setup.mesh.devices.flat[0])
-      source_ckpt.close()
-      return params
+      return restore_run_params(src, saved, config.runtime, setup.mesh)
     what = f'lm run, step {step}'
   elif (src / 'config.json').exists() and list(src.glob('*.safetensors')):
     m, lazy_params, hf_config = hf.import_hf(src, config.runtime.scan_layers)
@@ -523,6 +538,9 @@ def train(config, workdir, log: Callable[[str], None] = print, devices=None) -> 
       if 'extra' in state:  # e.g. a frozen reference: of the loaded weights, not random ones
         state['extra'] = setup.init_extra(full_params(state))
       log(f'Initialised from the weights of {config.init_from}.')
+    loaded = setup.task.load_extra(setup.mesh)  # e.g. a teacher's weights
+    if loaded is not None:
+      state['extra'] = jax.device_put(loaded, setup.state_shardings['extra'])
   ckpt_lib.write_run_files(workdir, config, tokenizer)
 
   start = int(state['step'])
