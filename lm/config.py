@@ -3,9 +3,10 @@
 Each `configs/NAME.py` calls `base_config(family)` and overrides fields. Sections:
 `model` (architecture, one schema per family, saved with the checkpoint and compared on
 resume), `runtime` (dtype, remat, scan, attention, dropout: free to change on resume),
-`task`, `peft`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, `quant`, `eval`, and
-`init_from`. The returned ConfigDict is locked, so a misspelt `--config.train.stpes=...` is
-rejected with the valid keys near it instead of silently adding a field.
+`task`, `peft`, `data`, `train`, `optimizer`, `checkpoint`, `mesh`, `prune`, `quant`,
+`eval`, and `init_from`. The returned ConfigDict is locked, so a misspelt
+`--config.train.stpes=...` is rejected with the valid keys near it instead of silently adding
+a field.
 """
 from __future__ import annotations
 
@@ -260,6 +261,19 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
   ))
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # Magnitude pruning during training (lm/compress/prune.py): masks in the optimizer state.
+  c.prune = mlc.ConfigDict(dict(
+      method="none",  # none | magnitude
+      sparsity=0.5,  # final share of zeros (N:M: 1 - N/M)
+      pattern="unstructured",  # unstructured | N:M, e.g. 2:4 along the input axis
+      scope="global",  # unstructured: one threshold over all targets (global) or per kernel
+      schedule="gradual",  # gradual (Zhu & Gupta's cubic) | oneshot (all at begin_step)
+      begin_step=0,
+      end_step=0,  # gradual: full sparsity here (0: 3/4 of train.steps)
+      update_every=10,  # steps between mask updates
+      targets=r"(attn|mlp)/[^/]+/kernel$",  # regex over param paths
+  ))
 
   # Post-training weight quantization (lm/compress/quantize.py; written by
   # scripts/quantize.py, read by everything that loads a run; not trainable).

@@ -98,6 +98,12 @@ def build(config, devices=None) -> Setup:
   trained_shapes = nn.unbox(split(boxed_params)[0])
   tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps, trained_shapes)
   fused_update = optim.fused_update(config.optimizer, schedule, trained_shapes, kernels)
+  if config.get('prune') and config.prune.method != 'none':  # masks in the optimizer state
+    from lm.compress import prune as prune_lib
+    pc = config.prune.copy_and_resolve_references()
+    with pc.unlocked():
+      pc.end_step = pc.end_step or (3 * config.train.steps) // 4
+    tx, fused_update = prune_lib.wrap(tx, pc, trained_shapes), None
 
   def init_boxed(rng):
     full = model.init(rng, *models.example_inputs(model, 1, seq_len))['params']

@@ -1,0 +1,112 @@
+"""Magnitude pruning (lm/compress/prune.py): masks and schedule by hand, pruning in training
+kept through AdamW and resume, one-shot pruning of a run."""
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from lm.compress import prune
+from lm.config import base_config
+from lm.train import trainer
+
+
+def pc_of(**kw):
+  c = base_config().prune
+  c.update(dict(dict(method='magnitude'), **kw))
+  return c
+
+
+def test_masks_by_hand():
+  params = {'a': {'kernel': jnp.array([[1.0, -5.0], [0.5, 3.0]])},
+            'b': {'kernel': jnp.array([[-2.0, 0.1], [4.0, 6.0]]), 'bias': jnp.array([0.01, 9.0])}}
+  targets = prune.targets(params, 'kernel$')
+  assert targets == {'a': {'kernel': True}, 'b': {'kernel': True, 'bias': False}}
+  # global 50%: the 4 smallest |w| of all 8 kernel weights: 0.1, 0.5, 1, 2
+  m = prune.masks_for(params, targets, 0.5, pc_of(scope='global'))
+  assert m['a']['kernel'].tolist() == [[False, True], [False, True]]
+  assert m['b']['kernel'].tolist() == [[False, False], [True, True]]
+  assert m['b']['bias'].tolist() == [True, True]  # not a target
+  # per layer 50%: two of each kernel
+  m = prune.masks_for(params, targets, 0.5, pc_of(scope='layer'))
+  assert m['a']['kernel'].tolist() == [[False, True], [False, True]]
+  assert m['b']['kernel'].tolist() == [[False, False], [True, True]]
+  m = prune.masks_for(params, targets, 0.25, pc_of(scope='layer'))
+  assert m['b']['kernel'].tolist() == [[True, False], [True, True]]
+  # 2:4 along the first axis: of each column's 4 rows keep the 2 largest
+  w = jnp.array([[1.0, -8], [4, 1], [-3, 2], [2, 7]])
+  m = prune.masks_for({'k': w}, {'k': True}, 0.0, pc_of(pattern='2:4'))['k']
+  assert m.tolist() == [[False, True], [True, False], [True, False], [False, True]]
+  with pytest.raises(ValueError, match='not a multiple of 4'):
+    prune.masks_for({'k': w[:3]}, {'k': True}, 0.0, pc_of(pattern='2:4'))
+  # [heads=2, head_dim=2, out]: both leading axes are inputs, grouped together
+  w3 = jnp.array([[[1.0], [2.0]], [[4.0], [3.0]]])
+  m = prune.masks_for({'k': w3}, {'k': True}, 0.0, pc_of(pattern='2:4'))['k']
+  assert m.reshape(-1).tolist() == [False, False, True, True]
+  with pytest.raises(ValueError, match="N:M"):
+    prune.parse_nm('4:2')
+
+
+def test_cubic_schedule_by_hand():
+  pc = pc_of(sparsity=0.8, begin_step=10, end_step=20)
+  # s (1 - (1 - f)^3): f = 0 -> 0, 0.5 -> 0.8 * 0.875 = 0.7, 1 -> 0.8
+  assert [float(prune.sparsity_at(t, pc)) for t in (5, 10, 15, 20, 30)] == pytest.approx(
+      [0.0, 0.0, 0.7, 0.8, 0.8])
+  assert float(prune.sparsity_at(9, pc_of(schedule='oneshot', begin_step=10))) == 0.0
+  assert float(prune.sparsity_at(10, pc_of(schedule='oneshot', begin_step=10))) == 0.5
+  assert float(prune.sparsity_at(0, pc_of(pattern='2:4'))) == pytest.approx(0.0)
+
+
+def test_pruned_weights_stay_zero_through_adamw():
+  params = {'k': jnp.array(np.random.default_rng(0).normal(size=(8, 8)), jnp.float32)}
+  tx = prune.wrap(optax.adamw(0.1), pc_of(sparsity=0.5, begin_step=1, end_step=3,
+                                           update_every=1, targets='k'), params)
+  state = tx.init(params)
+  history = []
+  for step in range(6):
+    grads = {'k': jnp.ones((8, 8))}  # pushes every weight the same way
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(float(jnp.mean(params['k'] == 0)))
+  # sparsity after updates 1, 2, 3 follows the schedule (0.5 * (1 - (1-f)^3)), then holds
+  assert history == pytest.approx([0.0, 0.4375 * 64 // 1 / 64, 0.5, 0.5, 0.5, 0.5], abs=1 / 64)
+  assert bool(jnp.all((params['k'] == 0) == ~state.masks['k']))
+
+
+def tiny(data_dir, **train):
+  c = base_config()
+  c.model.update(vocab_size=0, max_len=32, d_model=32, n_layers=1, n_heads=2)
+  c.data.update(dataset='default', tokenizer='bytes', data_dir=str(data_dir))
+  c.train.update(dict(dict(batch_size=8, steps=6, log_every=2, eval_every=0, seed=2), **train))
+  c.optimizer.update(warmup_steps=1, decay_steps=6)  # the same schedule at any steps
+  c.checkpoint.update(every_steps=3, keep=3, async_save=False)
+  c.prune.update(method='magnitude', sparsity=0.6, begin_step=1, end_step=4, update_every=1)
+  return c
+
+
+def test_pruning_in_training_survives_resume(data_dir, tmp_path):
+  full = trainer.train(tiny(data_dir), tmp_path / 'full', log=lambda s: None)
+  trainer.train(tiny(data_dir, steps=3), tmp_path / 'half', log=lambda s: None)
+  resumed = trainer.train(tiny(data_dir), tmp_path / 'half', log=lambda s: None)
+  report = prune.sparsity_report(jax.device_get(full['state']['params']), base_config().prune.targets)
+  assert report['total'] == pytest.approx(0.6, abs=0.01) and len(report) > 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(full['state']['params']),
+               jax.device_get(resumed['state']['params']))
+
+
+def test_one_shot_prune_run(data_dir, tmp_path):
+  from lm.infer.load import load_run
+  c = tiny(data_dir, steps=2)
+  c.prune.method = 'none'  # a dense run
+  trainer.train(c, tmp_path / 'run', log=lambda s: None)
+  report = prune.prune_run(tmp_path / 'run', tmp_path / 'pruned', sparsity=0.5)
+  assert report['total'] == pytest.approx(0.5, abs=1e-3)
+  _, params, _, _ = load_run(tmp_path / 'pruned')
+  assert prune.sparsity_report(params, base_config().prune.targets) == pytest.approx(report)
+  report = prune.prune_run(tmp_path / 'run', tmp_path / 'p24', pattern='2:4')
+  assert all(v == 0.5 for v in report.values()), report
+  with pytest.raises(ValueError, match='not empty'):
+    prune.prune_run(tmp_path / 'run', tmp_path / 'pruned')
