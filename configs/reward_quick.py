@@ -27,6 +27,10 @@ Measured on 2 shared CPU cores (load 4-5 from other jobs), --config.init_from=/t
 - 600 steps, 4000 pairs (2.4 epochs): 0.695, 0.695, 0.770, 0.775 at 150..600 (4.4 min);
   training accuracy ~0.9 by then: more epochs over 4000 pairs overfit.
 - 1200 steps, 20000 pairs: 0.720, 0.750, 0.815, 0.835 at 300..1200 (4.3 min, lighter load).
+- 3000 steps over the same 32000 pairs (1.5 passes, --config.train.steps=3000): 0.735,
+  0.715, 0.820, 0.850, 0.865, 0.885 at steps 500..3000; 38 min wall beside the test suite
+  and two other jobs (about 11 min alone, by step count). 48000 fresh pairs do not exist:
+  the generator has too few distinct prompts (a clear error).
 The issue's target (>= 0.90) is not met in ~8 CPU minutes: still rising at the end, so it is
 compute-bound. A scalar read on the EOS token has to learn to verify a sum or a word order,
 which the DPO policy's per-token log-probs see at step 0 (the SFT model's own log-probs rank
