@@ -161,3 +161,23 @@ def test_configs_saved_before_the_split_still_load():
   assert (c.runtime.dtype, c.runtime.remat, c.runtime.attention) == ('bfloat16', 'full', 'xla')
   assert (c.task.name, c.task.z_loss, c.runtime.cpu_matmuls) == ('causal_lm', 0.001, 'onednn')
   assert c.model.vocab_size == 65 and c.train.steps == 7 and 'dtype' not in c.model
+
+
+def test_every_config_loads_and_opens_with_its_command():
+  """configs/*.py: get_config() gives a valid config, and the docstring opens with what it
+  is and carries the command that runs it."""
+  import importlib.util
+  import pathlib
+  from lm.config import check_keys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  paths = sorted((root / 'configs').glob('*.py'))
+  assert len(paths) > 20
+  for path in paths:
+    spec = importlib.util.spec_from_file_location(f'config_{path.stem}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    check_keys(config)
+    assert module.__doc__ and 'python scripts/' in module.__doc__, path.name
+    if config.task.name in tasks.TASKS:
+      assert config.model.family in ('decoder', 'encoder', 'encdec'), path.name
