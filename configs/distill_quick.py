@@ -9,7 +9,9 @@
 
 The student is the quickstart model with 2 layers (bytes tokenizer, context 128, batch 16,
 600 steps); loss 0.5 * T^2 * KL(teacher_T || student_T) + 0.5 * CE with T = 2
-(lm/train/distill.py). Measured results: docs/compression.md.
+(lm/train/distill.py). Measured on 2 shared CPU cores: eval loss 1.7715 at step 600 for the
+distilled student (166 s) against 1.8540 from scratch (80 s); the teacher 1.5245 at 1200.
+Details: docs/compression.md.
 """
 from lm.config import base_config, gpt2_model
 

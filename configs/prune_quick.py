@@ -10,7 +10,9 @@
 
 300 steps (batch 16 x 128 bytes) at lr 5e-4; the sparsity of the attention and MLP kernels
 rises on Zhu & Gupta's cubic schedule from step 0 to 50% at step 225 (masks every 10 steps),
-then the pruned model fine-tunes for 75 more. Measured results: docs/compression.md.
+then the pruned model fine-tunes for 75 more. Measured on 2 shared CPU cores (278 s):
+corpus perplexity 5.812 against 5.729 for the dense control (150 s), 2:4 5.958; the
+quickstart model before: 6.421. Details: docs/compression.md.
 """
 from lm.config import base_config, gpt2_model
 
