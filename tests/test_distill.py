@@ -80,3 +80,15 @@ def test_teacher_with_another_tokenizer_is_refused(data_dir, teacher, tmp_path):
     trainer.train(c, tmp_path / 'run', log=lambda s: None)
   with pytest.raises(ValueError, match='needs --config.task.teacher'):
     distill.Distill(config_for(data_dir, ''))
+
+
+def test_sequence_level_data_is_the_teachers_greedy_output(teacher):
+  from lm.infer import sampling
+  from lm.infer.load import load_run
+  texts = distill.teacher_texts(teacher, num=3, prompt_tokens=8, new_tokens=6, batch_size=2)
+  assert len(texts) == 3
+  model, params, _, tok = load_run(teacher)
+  ids = tok.encode(texts[2])[:8]
+  new = sampling.generate(model, params, [ids], max_new_tokens=6, temperature=0.0,
+                          eos_id=tok.eos_id)[0]
+  assert texts[2] == tok.decode(ids + [t for t in new if t != tok.eos_id])

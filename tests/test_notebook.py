@@ -52,3 +52,15 @@ def test_lora_notebook_finetunes_and_exports_to_peft(data_dir, monkeypatch):
   for name in ('peft', 'merged'):  # PEFT's adapter on the exported base; the merged export
     diff = re.search(rf'^{name} max logit difference: (\S+)$', text, re.M)
     assert diff and float(diff[1]) < 1e-4, text[-2000:]
+
+
+def test_interpret_notebook_shows_each_view(data_dir, monkeypatch):
+  outputs = _run('interpret.ipynb', data_dir, monkeypatch)
+  images = [o for o in outputs if o.get('output_type') == 'display_data'
+            and 'image/png' in o.get('data', {})]
+  assert len(images) == 3  # attention map, logit lens, attributions
+  text = _text(outputs)
+  assert re.search(r'^attention maps: \(2, 2, \d+, \d+\)', text, re.M)
+  assert re.search(r'^layer 1: ', text, re.M)
+  error = re.search(r'completeness error (\S+)$', text, re.M)
+  assert error and float(error[1]) < 0.01

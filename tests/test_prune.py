@@ -97,16 +97,15 @@ def test_pruning_in_training_survives_resume(data_dir, tmp_path):
                jax.device_get(resumed['state']['params']))
 
 
-def test_one_shot_prune_run(data_dir, tmp_path):
+def test_one_shot_prune_run(tmp_path):
+  from test_convert_hf import imported
   from lm.infer.load import load_run
-  c = tiny(data_dir, steps=2)
-  c.prune.method = 'none'  # a dense run
-  trainer.train(c, tmp_path / 'run', log=lambda s: None)
-  report = prune.prune_run(tmp_path / 'run', tmp_path / 'pruned', sparsity=0.5)
+  run = imported('gpt2')[0]  # a dense run (GPT-2 shaped, imported)
+  report = prune.prune_run(run, tmp_path / 'pruned', sparsity=0.5)
   assert report['total'] == pytest.approx(0.5, abs=1e-3)
   _, params, _, _ = load_run(tmp_path / 'pruned')
   assert prune.sparsity_report(params, base_config().prune.targets) == pytest.approx(report)
-  report = prune.prune_run(tmp_path / 'run', tmp_path / 'p24', pattern='2:4')
+  report = prune.prune_run(run, tmp_path / 'p24', pattern='2:4')
   assert all(v == 0.5 for v in report.values()), report
   with pytest.raises(ValueError, match='not empty'):
-    prune.prune_run(tmp_path / 'run', tmp_path / 'pruned')
+    prune.prune_run(run, tmp_path / 'pruned')

@@ -101,7 +101,7 @@ def test_quantize_run_writes_a_loadable_smaller_run_and_refuses_bad_input(tmp_pa
   ids = jnp.asarray([[1, 5, 9, 33, 2, 7]])
   want = build_model(config).apply({'params': params}, ids)
   sizes, errors = {}, {}
-  for method, kw in [('int8', {}), ('int4', dict(group_size=32)), ('nf4', {})]:
+  for method, kw in [('int8', {}), ('int4', dict(group_size=32))]:  # (nf4: the test above)
     out = tmp_path / method
     report = quantize.quantize_run(workdir, out, method, **kw)
     sizes[method] = report['quantized_bytes']
@@ -114,10 +114,8 @@ def test_quantize_run_writes_a_loadable_smaller_run_and_refuses_bad_input(tmp_pa
     errors[method] = float(jnp.abs(got - want).max() / jnp.abs(want).max())
   # (random weights: no outliers to spare, so 4 bits cost more here than on a trained model)
   assert errors['int8'] < 0.02 < errors['int4'] < 0.5, errors
-  assert errors['nf4'] < 0.5, errors
   # (the float embedding, 400 x 64, is a large part of this tiny model)
   assert sizes['int4'] < sizes['int8'] < 0.6 * quantize.nbytes(params)
-  assert sizes['nf4'] < sizes['int8']
   # Bad input: one clear error each, nothing written.
   for args, kw, match in [((tmp_path / 'int8', tmp_path / 'x1', 'int8'), {}, 'quantized already'),
                           ((workdir, tmp_path / 'x2', 'int4'), dict(group_size=48),

@@ -157,6 +157,8 @@ class Decoder(nn.Module):
     embed = self.param('embed', normal_init(cfg.init_std, ('vocab', 'embed')),
                        (cfg.vocab_size, cfg.d_model), cfg.param_dtype_)
     x_BTD = jnp.take(embed, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    # A no-op unless a 'perturbations' collection is passed: attributions (lm/interpret).
+    x_BTD = self.perturb('token_embeddings', x_BTD)
     adapters = cfg.kernels.adapters
     method = adapters.method if adapters is not None else 'none'
     p = adapters.num_prefix if adapters is not None else 0
@@ -202,6 +204,7 @@ class Decoder(nn.Module):
       for i in range(cfg.n_layers):
         x_BTD = block(cfg, deterministic, decode, name=f'layers_{i}')(
             x_BTD, positions_BT, segment_ids_BT, *(e[i] for e in extra))
+        self.sow('intermediates', 'residual', x_BTD)  # the logit lens (lm/interpret)
     if x_BTD.shape[1] != t:  # the soft prompt's positions carry no logits
       x_BTD, segment_ids_BT = x_BTD[:, -t:], segment_ids_BT[:, -t:]
 

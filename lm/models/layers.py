@@ -454,6 +454,13 @@ class Attention(nn.Module):
       inv_freq = rope_inv_freq(cfg.head_dim_, cfg.rope_theta, cfg.rope_scaling_dict)
       q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
       k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+    if self.is_mutable_collection('intermediates') and not self.decode:  # lm/interpret
+      idx_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+      mask_B1TT = attention_mask(idx_BT, idx_BT, seg_BT, seg_BT, cfg.sliding_window)
+      k_BTNH = jnp.repeat(k_BTKH, cfg.n_heads // cfg.kv_heads, axis=2)
+      scores_BNTT = jnp.einsum('btnh,bsnh->bnts', q_BTNH, k_BTNH).astype(jnp.float32)
+      scores_BNTT = jnp.where(mask_B1TT, scores_BNTT / np.sqrt(cfg.head_dim_), -1e30)
+      self.sow('intermediates', 'attention_probs', jax.nn.softmax(scores_BNTT, axis=-1))
 
     kernel_seg_BT = None  # segment ids, when causal + same segment (+ window) is the whole mask
     if prefix_2PKH is not None:  # keys/values every token attends to, before its own

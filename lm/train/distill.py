@@ -98,3 +98,34 @@ class Distill(tasks.CausalLM):
 
 
 tasks.register(Distill)
+
+
+def teacher_texts(teacher, num: int, prompt_tokens: int = 32, new_tokens: int = 96,
+                  batch_size: int = 64, split: str = 'train') -> list[str]:
+  """Sequence-level distillation's data (Kim & Rush): the teacher's greedy continuations
+  of the first `prompt_tokens` tokens of `num` documents of its own training data, as
+  texts (prompt + continuation) for a student's causal_lm run on text_files."""
+  from lm.data import sources
+  from lm.infer import sampling
+  from lm.infer.load import load_run
+  model, params, config, tokenizer = load_run(teacher)
+  prompts = []
+  for text in sources.iter_texts(config, split):
+    ids = sampling.encode_prompt(tokenizer, text[:8 * prompt_tokens])[:prompt_tokens]
+    if len(ids) == prompt_tokens:
+      prompts.append(ids)
+    if len(prompts) == num:
+      break
+  if not prompts:
+    raise ValueError(f'No document of {teacher}\'s {split} split has {prompt_tokens} tokens.')
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+    new = sampling.generate(model, params, chunk, max_new_tokens=new_tokens, temperature=0.0,
+                            eos_id=tokenizer.eos_id)
+    for ids, cont in list(zip(chunk, new))[:len(prompts) - start]:
+      if cont and cont[-1] == tokenizer.eos_id:
+        cont = cont[:-1]
+      out.append(tokenizer.decode(ids + cont))
+  return out
