@@ -283,6 +283,7 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       block_size=64,  # nf4
       asymmetric=False,  # int8/int4: a zero point (min) beside the scale
       targets="",  # regex over Linear module paths ("": every projection)
+      activations="none",  # int8: w8a8, per-token int8 inputs and int8 matmuls (int8 only)
   ))
 
   # Evaluation tasks (lm/eval/tasks.py, as scripts/evaluate.py --tasks takes them) run at

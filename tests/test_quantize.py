@@ -55,7 +55,7 @@ def tiny_config(**quant):
   return c
 
 
-@pytest.mark.parametrize('quant', [dict(method='int8'), dict(method='int8', asymmetric=True),
+@pytest.mark.parametrize('quant', [dict(method='int8'),  # (int8 asymmetric: by hand above)
                                    dict(method='int4', group_size=32),
                                    dict(method='int4', group_size=64, asymmetric=True),
                                    dict(method='nf4'),
@@ -130,3 +130,24 @@ def test_quantize_run_writes_a_loadable_smaller_run_and_refuses_bad_input(tmp_pa
   c.init_from = str(tmp_path / 'int8')
   with pytest.raises(ValueError, match='is a quantized run'):
     trainer.init_source(c)
+
+
+def test_w8a8_runs_int8_matmuls_close_to_the_int8_weights_model():
+  from lm import models
+  rng = np.random.default_rng(0)
+  base = build_model(tiny_config(method='int8'))
+  w8a8 = build_model(tiny_config(method='int8', activations='int8'))
+  abstract = flax.linen.unbox(models.param_shapes(base))
+  assert flax.linen.unbox(models.param_shapes(w8a8)) == abstract  # the same checkpoint
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), s.dtype),
+                        flax.linen.unbox(models.param_shapes(build_model(tiny_config()))))
+  qparams = quantize.quantize_params(params, abstract, quantize.from_config(
+      tiny_config(method='int8').quant))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 64)
+  want = base.apply({'params': qparams}, tokens)
+  got = w8a8.apply({'params': qparams}, tokens)
+  assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 0.02
+  jaxpr = str(jax.make_jaxpr(lambda p: w8a8.apply({'params': p}, tokens))(qparams))
+  assert 'preferred_element_type=int32' in jaxpr and 'i8[' in jaxpr
+  with pytest.raises(ValueError, match='symmetric int8 weights'):
+    quantize.from_config(tiny_config(method='int4', activations='int8').quant)

@@ -290,15 +290,6 @@ def run_script(args, devices=1, **kw):
                         capture_output=True, text=True, **kw)
 
 
-def test_cli_override(data_dir, tmp_path):  # (unknown keys: the test above, in-process)
-  good = run_script(['scripts/train.py', '--config=configs/tiny_gpt2.py', f'--workdir={tmp_path}/w',
-                     '--config.train.steps=3', '--config.train.log_every=1',
-                     f'--config.data.data_dir={data_dir}', '--config.model.d_model=32'])
-  assert good.returncode == 0, good.stderr[-3000:]
-  saved = json.loads((tmp_path / 'w' / 'config.json').read_text())
-  assert saved['train']['steps'] == 3 and saved['model']['d_model'] == 32
-
-
 def test_compile_only_reports_memory():
   out = run_script(['scripts/train.py', '--config=configs/tiny_llama.py', '--compile_only',
                     '--fake_devices=8', '--config.mesh.data=1', '--config.mesh.fsdp=8'])
@@ -352,6 +343,8 @@ def test_kill_9_during_saves_never_leaves_a_half_checkpoint(data_dir, tmp_path):
   resumed = run_script(train_cmd(data_dir, work, latest + 2, every=1))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'Resumed from step {latest}' in resumed.stdout
+  saved = json.loads((work / 'config.json').read_text())  # the CLI's overrides, recorded
+  assert saved['train']['steps'] == latest + 2 and saved['checkpoint']['every_steps'] == 1
 
 
 def free_port():

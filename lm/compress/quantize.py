@@ -12,7 +12,9 @@ unchanged. Formats, for a kernel of input dims K (flattened) and output dims N:
         byte, the even input in the low nibble), q_scale [K/g, N...] = max|w| / 7 (codes
         -7..7, stored + 8); asymmetric: codes 0..15, scale (max - min) / 15, q_zero = min.
   nf4   QLoRA's NormalFloat4 (lm/ops/nf4.py): blocks of 64, double-quantized absmaxes.
-The embeddings (and a tied head) stay in the float dtype.
+The embeddings (and a tied head) stay in the float dtype. With quant.activations='int8'
+(w8a8, int8 weights) each projection also quantizes its input per token on the fly and
+multiplies int8 by int8 into int32 (the backends' int8 matmuls) before rescaling.
 
 qwix was the first choice: its PTQ finds weights by intercepting the model's dot_generals,
 which our Linear may send to a C++ kernel instead, and it has no NF4; our Linear already
@@ -41,6 +43,7 @@ class Quant:
   block_size: int = 64  # nf4
   asymmetric: bool = False
   targets: str = ''  # regex over module paths ('' : every projection)
+  activations: str = 'none'  # 'int8': dynamic per-token int8 activations, int8 matmuls (w8a8)
 
   def targets_module(self, path) -> bool:
     return re.search(self.targets, '/'.join(str(p) for p in path)) is not None
@@ -58,8 +61,15 @@ def from_config(quant) -> Quant | None:
     re.compile(quant.targets)
   except re.error as e:
     raise ValueError(f'quant.targets={quant.targets!r} is not a regex: {e}.') from None
+  activations = quant.get('activations', 'none')
+  if activations not in ('none', 'int8'):
+    raise ValueError(f"quant.activations must be 'none' or 'int8'; got {activations!r}.")
+  if activations == 'int8' and (quant.method != 'int8' or quant.asymmetric):
+    raise ValueError('quant.activations=int8 (w8a8) needs symmetric int8 weights '
+                     '(--method=int8 without --asymmetric).')
   return Quant(method=quant.method, group_size=quant.group_size, block_size=quant.block_size,
-               asymmetric=bool(quant.asymmetric), targets=quant.targets)
+               asymmetric=bool(quant.asymmetric), targets=quant.targets,
+               activations=activations)
 
 
 def param_shapes(shape, in_dims: int, q: Quant) -> dict[str, tuple[tuple[int, ...], object]]:
@@ -134,6 +144,20 @@ def dequantize(params: dict, shape, in_dims: int, q: Quant, dtype=jnp.float32):
   return w_GgN.reshape(shape).astype(dtype)
 
 
+def int8_matmul(x, codes, w_scale, in_dims: int, dtype=jnp.float32):
+  """x @ (codes * w_scale) with x quantized on the fly: per token (row), symmetric int8 at
+  absmax / 127, an int8 x int8 matmul accumulating in int32, then both scales."""
+  x32 = x.astype(jnp.float32)
+  contract = tuple(range(x.ndim - in_dims, x.ndim))
+  x_scale = jnp.maximum(jnp.abs(x32).max(contract, keepdims=True), 1e-12) / 127
+  xq = jnp.clip(jnp.round(x32 / x_scale), -127, 127).astype(jnp.int8)
+  y = jax.lax.dot_general(xq, codes, ((contract, tuple(range(in_dims))), ((), ())),
+                          preferred_element_type=jnp.int32)
+  out_dims = codes.ndim - in_dims
+  x_scale = x_scale.reshape(x.shape[:x.ndim - in_dims] + (1,) * out_dims)
+  return (y.astype(jnp.float32) * x_scale * w_scale.astype(jnp.float32)).astype(dtype)
+
+
 def _flat(tree):
   return flax.traverse_util.flatten_dict(tree, sep='/')
 
@@ -177,7 +201,7 @@ def nbytes(tree) -> int:
 
 
 def quantize_run(workdir, out, method: str, *, group_size: int = 128, asymmetric: bool = False,
-                 targets: str = '', step: int | None = None) -> dict:
+                 targets: str = '', activations: str = 'none', step: int | None = None) -> dict:
   """Writes `out`: the run in `workdir` (LoRA merged) with its kernels quantized (method
   'none': the float params alone). Checks everything before writing anything. Returns
   sizes: params bytes before and after, the checkpoint's bytes on disk."""
@@ -199,14 +223,14 @@ def quantize_run(workdir, out, method: str, *, group_size: int = 128, asymmetric
   new = config.copy_and_resolve_references()
   new.peft.method, new.init_from = 'none', ''
   new.quant.update(method=method, group_size=group_size, asymmetric=asymmetric,
-                   targets=targets)
+                   targets=targets, activations=activations)
   q = from_config(new.quant)
   abstract = nn.unbox(models.param_shapes(build_model(new))) if q else None  # checks shapes
   _, params, config, tokenizer = load_run(workdir, step=step)
   qparams = quantize_params(params, abstract, q) if q else params
   checkpoint.save_inference_run(out, qparams, new, tokenizer)
   return dict(method=method, group_size=group_size, asymmetric=asymmetric,
-              quantized_kernels=sum(1 for k in _flat(qparams) if k.endswith('codes')),
+              activations=activations, quantized_kernels=sum(1 for k in _flat(qparams) if k.endswith('codes')),
               params_bytes=nbytes(params), quantized_bytes=nbytes(qparams),
               checkpoint_bytes=sum(f.stat().st_size for f in (out / 'checkpoints').rglob('*')
                                    if f.is_file()), out=str(out))

@@ -142,11 +142,11 @@ class Linear(nn.Module):
     shape = in_shape + tuple(self.features)
     adapters = self.kernels.adapters
     lora = adapters is not None and adapters.targets_module(self.scope.path)
-    quant = self.kernels.quant
+    quant, w8a8 = self.kernels.quant, None
     if lora and adapters.method == 'qlora':
       kernel = self._nf4_kernel(shape, adapters.nf4_block)
     elif quant is not None and quant.targets_module(self.scope.path):
-      kernel = self._quantized_kernel(shape, quant)
+      kernel, w8a8 = self._quantized_kernel(shape, quant)
     else:
       kernel = self.param('kernel', normal_init(self.init_std, self.axes), shape,
                           self.param_dtype)
@@ -159,6 +159,11 @@ class Linear(nn.Module):
       return kernel, bias
     if self.activation not in ('none', 'gelu'):
       raise ValueError(f"Linear.activation must be 'none' or 'gelu', got {self.activation!r}")
+    if w8a8 is not None:  # int8 x int8 -> int32 matmul, rescaled (quant.activations)
+      from lm.compress import quantize
+      y = quantize.int8_matmul(x, w8a8['q_codes'], w8a8['q_scale'], self.in_dims, self.dtype)
+      y = y if bias is None else y + bias.astype(y.dtype)
+      return activation_ops.gelu_tanh(y) if self.activation == 'gelu' else y
     if not lora:
       return contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims,
                       None if bias is None else bias.astype(self.dtype),
@@ -180,12 +185,13 @@ class Linear(nn.Module):
     y = y + (adapters.scale * delta).astype(y.dtype)
     return activation_ops.gelu_tanh(y) if self.activation == 'gelu' else y
 
-  def _quantized_kernel(self, shape, quant) -> Array:
-    """The kernel from its post-training quantized params (lm/compress/quantize.py), in
-    the compute dtype; created from a random kernel at init (scripts/quantize.py writes the
+  def _quantized_kernel(self, shape, quant):
+    """(the kernel from its post-training quantized params (lm/compress/quantize.py) in
+    the compute dtype, the params themselves when the activations are quantized too: w8a8).
+    The params are created from a random kernel at init (scripts/quantize.py writes the
     real ones)."""
     if quant.method == 'nf4':
-      return self._nf4_kernel(shape, quant.block_size)
+      return self._nf4_kernel(shape, quant.block_size), None
     from lm.compress import quantize
     make = lambda rng: quantize.quantize(
         nn.initializers.normal(self.init_std)(rng, shape), self.in_dims, quant)
@@ -195,7 +201,8 @@ class Linear(nn.Module):
           self.axes[self.in_dims:] if s == tuple(shape[self.in_dims:]) else (None,) * len(s))
       q[name] = self.param(name, nn.with_logical_partitioning(
           lambda rng, *_, name=name: make(rng)[name], axes), s, dtype)
-    return quantize.dequantize(q, shape, self.in_dims, quant, self.dtype)
+    return (quantize.dequantize(q, shape, self.in_dims, quant, self.dtype),
+            q if quant.activations == 'int8' else None)
 
   def _nf4_kernel(self, shape, block: int) -> Array:
     """The kernel from its NF4 params (lm/ops/nf4.py), in the compute dtype. The params are
