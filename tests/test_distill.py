@@ -10,11 +10,14 @@ import pytest
 from lm.config import base_config
 from lm.train import distill, trainer
 
+ONE = jax.devices()[:1]  # one device: cheaper compiles than the 8-way mesh
+
 
 def config_for(data_dir, teacher, **task):
   c = base_config()
   c.model.update(vocab_size=0, max_len=32, d_model=32, n_layers=1, n_heads=2)
   c.data.update(dataset='default', tokenizer='bytes', data_dir=str(data_dir))
+  c.mesh.update(data=1, fsdp=1, tensor=1)
   c.task.update(dict(dict(name='distill', teacher=str(teacher)), **task))
   c.train.update(batch_size=8, steps=4, log_every=2, eval_every=4, eval_steps=1, seed=1)
   c.optimizer.update(warmup_steps=1)
@@ -28,7 +31,7 @@ def teacher(tmp_path_factory, data_dir):
   c.model.update(n_layers=2, d_model=48)  # deeper and wider than the student
   c.train.update(steps=3, eval_every=0)
   workdir = tmp_path_factory.mktemp('teacher')
-  trainer.train(c, workdir, log=lambda s: None)
+  trainer.train(c, workdir, log=lambda s: None, devices=ONE)
   return workdir
 
 
@@ -59,7 +62,8 @@ def test_loss_is_alpha_t2_kl_plus_ce_by_hand(data_dir, teacher):
 def test_distill_run_loads_the_teacher_and_resumes_with_it(data_dir, teacher, tmp_path):
   from lm.infer.load import load_run
   _, t_params, _, _ = load_run(teacher)
-  out = trainer.train(config_for(data_dir, teacher), tmp_path / 'run', log=lambda s: None)
+  out = trainer.train(config_for(data_dir, teacher), tmp_path / 'run', log=lambda s: None,
+                      devices=ONE)
   got = out['state']['extra']['teacher']
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(t_params))
   lines = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
@@ -67,7 +71,7 @@ def test_distill_run_loads_the_teacher_and_resumes_with_it(data_dir, teacher, tm
   # Resume: the checkpoint holds the teacher; two more steps continue from it.
   c = config_for(data_dir, teacher)
   c.train.steps = 6
-  out = trainer.train(c, tmp_path / 'run', log=lambda s: None)
+  out = trainer.train(c, tmp_path / 'run', log=lambda s: None, devices=ONE)
   assert out['step'] == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(out['state']['extra']['teacher']),
                jax.device_get(t_params))
@@ -77,7 +81,7 @@ def test_teacher_with_another_tokenizer_is_refused(data_dir, teacher, tmp_path):
   c = config_for(data_dir, teacher)
   c.data.update(tokenizer='char')
   with pytest.raises(ValueError, match='another tokenizer'):
-    trainer.train(c, tmp_path / 'run', log=lambda s: None)
+    trainer.train(c, tmp_path / 'run', log=lambda s: None, devices=ONE)
   with pytest.raises(ValueError, match='needs --config.task.teacher'):
     distill.Distill(config_for(data_dir, ''))
 

@@ -13,6 +13,8 @@ from lm.compress import prune
 from lm.config import base_config
 from lm.train import trainer
 
+ONE = jax.devices()[:1]  # one device: cheaper compiles than the 8-way mesh
+
 
 def pc_of(**kw):
   c = base_config().prune
@@ -81,6 +83,7 @@ def tiny(data_dir, **train):
   c = base_config()
   c.model.update(vocab_size=0, max_len=32, d_model=32, n_layers=1, n_heads=2)
   c.data.update(dataset='default', tokenizer='bytes', data_dir=str(data_dir))
+  c.mesh.update(data=1, fsdp=1, tensor=1)
   c.train.update(dict(dict(batch_size=8, steps=4, log_every=2, eval_every=0, seed=2), **train))
   c.optimizer.update(warmup_steps=1, decay_steps=4)  # the same schedule at any steps
   c.checkpoint.update(every_steps=2, keep=3, async_save=False)
@@ -89,9 +92,9 @@ def tiny(data_dir, **train):
 
 
 def test_pruning_in_training_survives_resume(data_dir, tmp_path):
-  full = trainer.train(tiny(data_dir), tmp_path / 'full', log=lambda s: None)
-  trainer.train(tiny(data_dir, steps=2), tmp_path / 'half', log=lambda s: None)
-  resumed = trainer.train(tiny(data_dir), tmp_path / 'half', log=lambda s: None)
+  full = trainer.train(tiny(data_dir), tmp_path / 'full', log=lambda s: None, devices=ONE)
+  trainer.train(tiny(data_dir, steps=2), tmp_path / 'half', log=lambda s: None, devices=ONE)
+  resumed = trainer.train(tiny(data_dir), tmp_path / 'half', log=lambda s: None, devices=ONE)
   report = prune.sparsity_report(jax.device_get(full['state']['params']), base_config().prune.targets)
   assert report['total'] == pytest.approx(0.6, abs=0.01) and len(report) > 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(full['state']['params']),
