@@ -115,7 +115,8 @@ def test_loglikelihoods_equal_transformers_and_follow_lm_eval_split():
   got = ev.loglikelihood(requests)
   for (context, continuation), (ll, _) in zip(requests, got):
     spaces = len(context) - len(context.rstrip())  # lm-eval: trailing spaces go right
-    context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+    cut = len(context) - spaces
+    context, continuation = context[:cut], context[cut:] + continuation
     ctx = tok(context).input_ids or [0]  # empty context: the EOS/BOS token (id 0)
     whole = (tok(context).input_ids + tok(context + continuation).input_ids[
         len(tok(context).input_ids):])

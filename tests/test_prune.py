@@ -95,7 +95,8 @@ def test_pruning_in_training_survives_resume(data_dir, tmp_path):
   full = trainer.train(tiny(data_dir), tmp_path / 'full', log=lambda s: None, devices=ONE)
   trainer.train(tiny(data_dir, steps=2), tmp_path / 'half', log=lambda s: None, devices=ONE)
   resumed = trainer.train(tiny(data_dir), tmp_path / 'half', log=lambda s: None, devices=ONE)
-  report = prune.sparsity_report(jax.device_get(full['state']['params']), base_config().prune.targets)
+  report = prune.sparsity_report(jax.device_get(full['state']['params']),
+                                 base_config().prune.targets)
   assert report['total'] == pytest.approx(0.6, abs=0.01) and len(report) > 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(full['state']['params']),
                jax.device_get(resumed['state']['params']))

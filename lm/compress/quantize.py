@@ -230,7 +230,8 @@ def quantize_run(workdir, out, method: str, *, group_size: int = 128, asymmetric
   qparams = quantize_params(params, abstract, q) if q else params
   checkpoint.save_inference_run(out, qparams, new, tokenizer)
   return dict(method=method, group_size=group_size, asymmetric=asymmetric,
-              activations=activations, quantized_kernels=sum(1 for k in _flat(qparams) if k.endswith('codes')),
+              activations=activations,
+              quantized_kernels=sum(1 for k in _flat(qparams) if k.endswith('codes')),
               params_bytes=nbytes(params), quantized_bytes=nbytes(qparams),
               checkpoint_bytes=sum(f.stat().st_size for f in (out / 'checkpoints').rglob('*')
                                    if f.is_file()), out=str(out))

@@ -50,7 +50,8 @@ def _decoder_logprobs(model, params, tokens_BT):
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def _seq2seq_logprobs(model, params, enc_BS, dec_in_BT, target_BT):
-  enc_seg_BS = (jnp.arange(enc_BS.shape[1]) < (enc_BS != -1).sum(1, keepdims=True)).astype(jnp.int32)
+  # (-1 marks the encoder's padding: segment 0)
+  enc_seg_BS = (enc_BS != -1).astype(jnp.int32)
   logits_BTV = model.apply({'params': params}, jnp.maximum(enc_BS, 0), dec_in_BT,
                            encoder_segment_ids_BS=enc_seg_BS).astype(jnp.float32)
   logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), target_BT[..., None], -1)[..., 0]
