@@ -134,6 +134,8 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       # (lm/data/finetune_sets.py): finetune_examples training examples, finetune_eval
       # held out.
       chat_template="",
+      prompt_loss_weight=0.0,  # sft (decoder): > 0 also trains the prompt's tokens, so weighted
+      finetune_set="tasks",  # the embedded set: tasks (finetune_sets.py) | rag (lm/rag/corpus)
       finetune_examples=4000,
       finetune_eval=200,
       # dpo (lm/train/align.py): beta, the KL strength / implicit-reward scale;
@@ -167,6 +169,11 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       teacher="",
       distill_alpha=0.5,
       distill_temperature=2.0,
+      # embedding (lm/rag/embed.py): (query, passage) pairs, InfoNCE over in-batch negatives;
+      # pooling mean | cls | last; the logits' temperature; queries cut to query_len (0: max_len)
+      pooling="mean",
+      embed_temperature=0.05,
+      query_len=0,
   ))
 
   # Parameter-efficient fine-tuning (lm/peft.py), from config.init_from's weights:

@@ -1,10 +1,12 @@
 """An OpenAI-compatible HTTP server for a run (docs/serving.md).
 
   python scripts/serve.py --workdir=DIR [--host=127.0.0.1 --port=8000 --max_batch=8
-                          --max_len=N --max_queue=64 --api_key=KEY]
+                          --max_len=N --max_queue=64 --api_key=KEY --index=DIR --k=1]
 
 Loads the run, compiles every prefill bucket and the decode step, then opens the port
 (so the first request pays no compile) and prints "serving ..." once it is open.
+--index: ground chat requests in an lm/rag index (scripts/rag.py index): the top --k
+chunks of the last user message go into the prompt and come back as "sources".
 SIGTERM or Ctrl-C: stop accepting, finish the requests in flight, exit 0.
 """
 import pathlib
@@ -19,6 +21,8 @@ _MAX_BATCH = flags.DEFINE_integer('max_batch', 8, 'Decode slots (requests decode
 _MAX_LEN = flags.DEFINE_integer('max_len', 0, 'Context: prompt + max_tokens (0: the model\'s).')
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 64, 'Waiting requests before answering 429.')
 _API_KEY = flags.DEFINE_string('api_key', None, 'Require "Authorization: Bearer KEY".')
+_INDEX = flags.DEFINE_string('index', None, 'A RAG index directory (scripts/rag.py index).')
+_K = flags.DEFINE_integer('k', 1, 'With --index: passages per chat request.')
 _MODEL_ID = flags.DEFINE_string('model_id', None, 'The model name clients use (default: the '
                                 'workdir\'s name).')
 
@@ -32,10 +36,15 @@ def main(argv):
     model, params, config, tokenizer = load_run(_WORKDIR.value)
     eng = engine.Engine(model, params, tokenizer, max_batch=_MAX_BATCH.value,
                         max_len=_MAX_LEN.value, max_queue=_MAX_QUEUE.value)
+    retriever = None
+    if _INDEX.value:
+      from lm.rag import pipeline
+      retriever = pipeline.Retriever.load(_INDEX.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   model_id = _MODEL_ID.value or pathlib.Path(_WORKDIR.value).resolve().name
-  server = api.Server(eng, config, model_id=model_id, api_key=_API_KEY.value)
+  server = api.Server(eng, config, model_id=model_id, api_key=_API_KEY.value,
+                      retriever=retriever, rag_k=_K.value)
   eng.warmup()
   server.warmup()
   eng.start()

@@ -297,3 +297,23 @@ def test_t5_sft_reads_prompts_in_the_encoder_and_its_exact_match_is_greedy(tmp_p
   acc, _ = exact_match.exact_match(out['setup'].model, jax.device_get(out['state']['params']),
                                    TOK, train)
   assert metrics['eval/exact_match'] == pytest.approx(acc)
+
+
+def test_prompt_loss_weight_trains_the_prompt_tokens_at_that_weight(run):
+  model, params, c = run['out']['setup'].model, run['params'], run['c'].copy_and_resolve_references()
+  batch = jax.tree.map(jnp.asarray, next(iter(instruct.make_eval_iter(c, TOK, None, 0, 1))))
+  c.task.prompt_loss_weight = 0.25
+  s, w, _ = sft.SFT(c).loss(model, params, {}, batch, None, True)
+  logp = jax.nn.log_softmax(np.asarray(model.apply(
+      {'params': params}, batch['inputs'], segment_ids_BT=batch['segment_ids'],
+      positions_BT=batch['positions'])), -1)
+  nll = -np.take_along_axis(np.asarray(logp), np.asarray(batch['targets'])[..., None], -1)[..., 0]
+  seg, done = np.asarray(batch['segment_ids']), np.asarray(batch['weights'])
+  want_w = np.zeros_like(done)
+  for r in range(seg.shape[0]):  # by hand: 1 on completions, 0.25 on the other next tokens
+    for t in range(seg.shape[1] - 1):
+      if seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]:
+        want_w[r, t] = 1.0 if done[r, t] > 0 else 0.25
+  assert done.sum() < want_w.sum() < 0.25 * (seg > 0).sum() + done.sum()
+  np.testing.assert_allclose(float(w), want_w.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(s), (nll * want_w).sum(), rtol=1e-4)

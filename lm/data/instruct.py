@@ -118,8 +118,14 @@ def split_records(config, train: bool) -> list[Record]:
   """The training or eval records: data.path / data.eval_path, the last data.val_fraction of
   data.path's, or the embedded set when data.path is ""."""
   if not config.data.path:
-    t = config.task
-    pair = finetune_sets.make(t.finetune_examples, t.finetune_eval)
+    t, which = config.task, config.task.get('finetune_set', 'tasks')
+    if which == 'rag':  # the reading set of lm/rag/corpus.py
+      from lm.rag import corpus  # lazy: corpus reaches the index (jax)
+      pair = corpus.reader_sets(t.finetune_examples, t.finetune_eval)
+    elif which == 'tasks':
+      pair = finetune_sets.make(t.finetune_examples, t.finetune_eval)
+    else:
+      raise ValueError(f'Unknown task.finetune_set {which!r}; known: tasks, rag.')
     return [Record(f'embedded set {"train" if train else "eval"}[{i}]', **r)
             for i, r in enumerate(pair[0 if train else 1])]
   if config.data.eval_path:

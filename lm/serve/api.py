@@ -1,7 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI) over an lm.serve.engine.Engine.
 
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE when stream=true),
-GET /health, GET /metrics (Prometheus text). Bodies are parsed here rather than by
+GET /health, GET /metrics (Prometheus text). With a retriever (scripts/serve.py --index,
+lm/rag) a chat request is grounded: the last user message is the question, its top-k chunks
+go into that message (lm/rag/pipeline.prompt; the lowest-ranked dropped while the prompt
+does not fit), and the response carries them as "sources" (in the first chunk when
+streaming). Bodies are parsed here rather than by
 FastAPI's validation, so every bad request gets OpenAI's error shape
 {"error": {"message", "type", "param", "code"}} with 400 (not 422). echo + logprobs give
 the prompt's log-probs of lm.eval.scoring.score (what scripts/score.py prints), so
@@ -131,9 +135,11 @@ class Metrics:
 class Server:
   """What the handlers share: engine, tokenizer, chat template, model id, key, metrics."""
 
-  def __init__(self, engine, config, *, model_id: str, api_key: str | None = None):
+  def __init__(self, engine, config, *, model_id: str, api_key: str | None = None,
+               retriever=None, rag_k: int = 1):
     self.engine, self.tokenizer = engine, engine.tokenizer
     self.model_id, self.api_key = model_id, api_key
+    self.retriever, self.rag_k = retriever, rag_k  # an lm.rag.pipeline.Retriever, or None
     self.config = config
     self.metrics = Metrics(engine)
     self._template = None
@@ -454,12 +460,28 @@ def create_app(server: Server) -> fastapi.FastAPI:
     check(request, req.model)
     messages = [dict(role=m.role, content=m.content if isinstance(m.content, str)
                      else ''.join(p.text for p in m.content)) for m in req.messages]
-    try:
-      text = server.template.render(messages, add_generation_prompt=True)
-      ids = instruct.encode_text(tok, text).tolist()
-    except Exception as e:  # a template's raise_exception, unencodable text
-      raise ApiError(400, f'The messages cannot go through the chat template: {e}',
-                     param='messages') from None
+    sources, last = [], max((i for i, m in enumerate(messages) if m['role'] == 'user'),
+                            default=None)
+    if server.retriever is not None and last is not None:
+      question = messages[last]['content']
+      sources = (await asyncio.to_thread(server.retriever.retrieve, [question],
+                                         server.rag_k))[0]
+    while True:  # without retrieval once; with it, until the passages left fit
+      if sources:
+        from lm.rag import pipeline  # lazy: only a grounded server needs it
+        messages[last] = dict(messages[last], content=pipeline.prompt(
+            question, [c['text'] for c in sources]))
+      try:
+        text = server.template.render(messages, add_generation_prompt=True)
+        ids = instruct.encode_text(tok, text).tolist()
+      except Exception as e:  # a template's raise_exception, unencodable text
+        raise ApiError(400, f'The messages cannot go through the chat template: {e}',
+                       param='messages') from None
+      if not sources or len(ids) < eng.max_len:
+        break
+      sources.pop()
+      if not sources:
+        messages[last] = dict(messages[last], content=pipeline.prompt(question, []))
     if not ids:
       raise ApiError(400, 'The messages render to no tokens.', param='messages')
     max_tokens = req.max_completion_tokens or req.max_tokens
@@ -487,7 +509,8 @@ def create_app(server: Server) -> fastapi.FastAPI:
                       model=server.model_id, choices=[dict(index=k, delta=delta, logprobs=lp,
                                                            finish_reason=finish)])
         for k in range(req.n):
-          yield chunk(k, dict(role='assistant', content=''))
+          first = chunk(k, dict(role='assistant', content=''))
+          yield dict(first, sources=sources) if server.retriever is not None else first
         out_tokens = 0
         async for k, ev in events(seqs, queue):
           if ev[0] == 'done':
@@ -520,9 +543,10 @@ def create_app(server: Server) -> fastapi.FastAPI:
     choices = [dict(index=k, message=dict(role='assistant', content=texts[k]),
                     logprobs=dict(content=lps[k]) if req.logprobs else None,
                     finish_reason=finish[k]) for k in range(req.n)]
-    return dict(id=rid, object='chat.completion', created=created, model=server.model_id,
-                choices=choices, usage=dict(prompt_tokens=len(ids), completion_tokens=out_tokens,
-                                            total_tokens=len(ids) + out_tokens))
+    out = dict(id=rid, object='chat.completion', created=created, model=server.model_id,
+               choices=choices, usage=dict(prompt_tokens=len(ids), completion_tokens=out_tokens,
+                                           total_tokens=len(ids) + out_tokens))
+    return dict(out, sources=sources) if server.retriever is not None else out
 
   return app
 

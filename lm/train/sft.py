@@ -7,6 +7,10 @@ data.val_fraction of them); "" -> the embedded fine-tuning set (lm/data/finetune
 Start from pre-trained weights with config.init_from; config.peft picks the method. An
 encoder-decoder reads the prompt in its encoder and learns the target in its decoder.
 
+task.prompt_loss_weight > 0 trains the prompt's tokens too, at that weight (a decoder; as
+OpenAI's fine-tuning prompt_loss_weight): a reader that must copy from its prompt learns
+to sooner (lm/rag). Eval stays on the trained tokens alone.
+
 Eval: eval/loss (per trained token; the best checkpoint keeps its lowest), eval/perplexity,
 eval/accuracy (argmax of the trained tokens) and eval/exact_match: the share of eval examples
 whose trained tokens are all argmax-correct under teacher forcing, which is exactly whether
@@ -76,6 +80,13 @@ class SFT(tasks.CausalLM):
 
   def loss(self, model, params, extra, batch, rng, deterministic):
     if not self.seq2seq:
+      w = self.config.task.get('prompt_loss_weight', 0.0)
+      if w:  # the prompt's tokens too, at weight w (each predicted within its example)
+        seg_BT = batch['segment_ids']
+        same_BT = jnp.concatenate([seg_BT[:, 1:] == seg_BT[:, :-1],
+                                   jnp.zeros_like(seg_BT[:, :1], bool)], 1) & (seg_BT > 0)
+        batch = dict(batch, weights=jnp.where(batch['weights'] > 0, batch['weights'],
+                                              w * same_BT))
       return super().loss(model, params, extra, batch, rng, deterministic)
     logits_BTV, b = self._logits(model, params, batch, rng, deterministic)
     s, w, _ = tasks._token_loss(logits_BTV, b['targets'], b['weights'])
