@@ -63,8 +63,8 @@ class Reader:
 
   def record(self, question: str, passages: list[str], answer: str = '',
              room: int = 0) -> dict:
-    """The messages record of `question` over as many of `passages` (in order) as fit the
-    context with `room` tokens left for the answer."""
+    """The messages record of `question` (and `answer`) over as many of `passages` (in
+    order) as fit the context with `room` tokens to spare."""
     from lm.data import instruct
     passages = list(passages)
     while True:
@@ -78,24 +78,27 @@ class Reader:
 
   def answer(self, questions: list[str], passages: list[list[str]],
              max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers, one per question, each over its passages."""
+    """Greedy answers, one per question, each over its passages (kept while at least 8
+    tokens are left to answer in; the answers stop at the context's end)."""
     from lm.data import instruct
     from lm.infer import sampling
     prompts = []
     for q, ps in zip(questions, passages):
-      rec = self.record(q, ps, room=max_new_tokens)
+      rec = self.record(q, ps, room=min(8, max_new_tokens))
       text = self.template.render(rec['messages'][:1], add_generation_prompt=True)
       prompts.append(instruct.encode_text(self.tokenizer, text).tolist())
     tok = self.tokenizer
-    outs = sampling.generate(self.model, self.params, prompts, max_new_tokens=max_new_tokens,
+    room = self.model.cfg.max_len - max(len(p) for p in prompts)
+    outs = sampling.generate(self.model, self.params, prompts,
+                             max_new_tokens=max(1, min(max_new_tokens, room)),
                              temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
     return [tok.decode([t for t in out if t != tok.eos_id]).strip() for out in outs]
 
   def exact_match(self, questions: list[dict], passages: list[list[str]]) -> tuple[float, list]:
     """lm/eval/exact_match.py's greedy exact match of each {"question", "answer"}."""
     from lm.eval import exact_match
-    room = max(len(self.tokenizer.encode(q['answer'])) for q in questions) + 1
-    records = [self.record(q['question'], ps, q['answer'], room)
+    # The record holds the answer and EOS already; room for exact_match's 4 extra tokens.
+    records = [self.record(q['question'], ps, q['answer'], room=4)
                for q, ps in zip(questions, passages)]
     return exact_match.exact_match(self.model, self.params, self.tokenizer, records,
                                    self.template)
