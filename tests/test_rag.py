@@ -85,14 +85,15 @@ def test_infonce_loss_by_hand(family, pooling):
   q, ql = embed.encode_texts([p[0] for p in pairs], tok, 40)
   p, pl = embed.encode_texts([p[1] for p in pairs], tok, 112)
   batch = embed.PairTexts(q, ql, p, pl, tok.pad_id).batch([0, 1, 2, 3, 4])  # row 4: padding
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
-  s, w, aux = task.loss(model, params, {}, batch, None, True)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  s, w, aux = jax.jit(lambda p, b: task.loss(model, p, {}, b, None, True))(params, batch)
+
+  hidden = jax.jit(lambda x: model.apply({'params': params}, x, head='hidden'))
 
   def pooled(tokens, lengths):  # each text alone, unpadded, pooled by hand
     out = []
     for row, n in zip(tokens, lengths):
-      h = np.asarray(model.apply({'params': params}, jnp.asarray(row[None, :n]),
-                                 head='hidden'))[0]
+      h = np.asarray(hidden(jnp.asarray(row[None, :n])))[0]
       v = dict(mean=h.mean(0), cls=h[0], last=h[-1])[pooling]
       out.append(v / np.linalg.norm(v))
     return np.stack(out)
