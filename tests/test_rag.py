@@ -60,49 +60,47 @@ def encoder_config(**model):
   c.task.update(name='embedding', finetune_examples=256, finetune_eval=64, query_len=40)
   c.data.tokenizer = 'bytes'
   c.mesh.update(data=1, fsdp=1, tensor=1)
-  c.train.update(batch_size=16, steps=30, log_every=10, eval_every=30, eval_steps=2, seed=1)
+  c.train.update(batch_size=16, steps=20, log_every=10, eval_every=20, eval_steps=2, seed=1)
   c.optimizer.update(lr=3e-3, warmup_steps=2)
-  c.checkpoint.update(every_steps=30, keep=1, async_save=False)
+  c.checkpoint.update(every_steps=20, keep=1, async_save=False)
   return c
 
 
-@pytest.mark.parametrize('family,pooling', [('encoder', 'mean'), ('encoder', 'cls'),
-                                            ('decoder', 'last')])
-def test_infonce_loss_by_hand(family, pooling):
-  if family == 'encoder':
-    c = encoder_config()
-  else:
-    c = base_config()
-    c.model.update(vocab_size=259, max_len=112, d_model=32, n_layers=1, n_heads=2)
-    c.task.update(name='embedding', query_len=40)
-  c.task.pooling, c.task.embed_temperature = pooling, 0.1
-  c.model.vocab_size = 259
-  task = embed.Embedding(c)
-  model = build_model(c)
+def test_infonce_loss_by_hand():
+  """mean and CLS pooling of an encoder, last-token pooling of a decoder; a padding row and
+  a copy of a passage (no negative for its twin)."""
+  dec = base_config()
+  dec.model.update(vocab_size=259, max_len=112, d_model=32, n_layers=1, n_heads=2)
+  dec.task.update(name='embedding', query_len=40)
   tok = tokenizers.ByteTokenizer()
   pairs = [('Who is it?', 'It is Bob.'), ('Where?', 'In Rome, by the sea.'),
            ('When was it?', 'In 1742.'), ('Who?', 'It is Bob.')]  # a copy: no negative
   q, ql = embed.encode_texts([p[0] for p in pairs], tok, 40)
   p, pl = embed.encode_texts([p[1] for p in pairs], tok, 112)
   batch = embed.PairTexts(q, ql, p, pl, tok.pad_id).batch([0, 1, 2, 3, 4])  # row 4: padding
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
-  s, w, aux = jax.jit(lambda p, b: task.loss(model, p, {}, b, None, True))(params, batch)
+  for c, poolings in ((encoder_config(vocab_size=259), ('mean', 'cls')), (dec, ('last',))):
+    model = build_model(c)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+    hidden = jax.jit(lambda x, m=model, v=params: m.apply({'params': v}, x, head='hidden'))
+    for pooling in poolings:
+      c.task.pooling, c.task.embed_temperature = pooling, 0.1
+      task = embed.Embedding(c)
+      s, w, aux = jax.jit(lambda v, b, t=task, m=model: t.loss(m, v, {}, b, None, True))(
+          params, batch)
 
-  hidden = jax.jit(lambda x: model.apply({'params': params}, x, head='hidden'))
-
-  def pooled(tokens, lengths):  # each text alone, unpadded, pooled by hand
-    out = []
-    for row, n in zip(tokens, lengths):
-      h = np.asarray(hidden(jnp.asarray(row[None, :n])))[0]
-      v = dict(mean=h.mean(0), cls=h[0], last=h[-1])[pooling]
-      out.append(v / np.linalg.norm(v))
-    return np.stack(out)
-  logits = pooled(q, ql) @ pooled(p, pl).T / 0.1
-  logits[0, 3] = logits[3, 0] = -np.inf  # rows 0 and 3 share their passage
-  nll = -np.diag(logits - np.log(np.exp(logits).sum(1, keepdims=True)))
-  assert float(w) == 4
-  np.testing.assert_allclose(float(s), nll.sum(), rtol=2e-4)
-  assert float(aux['accuracy']) == (logits.argmax(1) == np.arange(4)).sum()
+      def pooled(tokens, lengths, pooling=pooling):  # each text alone, unpadded, by hand
+        out = []
+        for row, n in zip(tokens, lengths):
+          h = np.asarray(hidden(jnp.asarray(row[None, :n])))[0]
+          v = dict(mean=h.mean(0), cls=h[0], last=h[-1])[pooling]
+          out.append(v / np.linalg.norm(v))
+        return np.stack(out)
+      logits = pooled(q, ql) @ pooled(p, pl).T / 0.1
+      logits[0, 3] = logits[3, 0] = -np.inf  # rows 0 and 3 share their passage
+      nll = -np.diag(logits - np.log(np.exp(logits).sum(1, keepdims=True)))
+      assert float(w) == 4
+      np.testing.assert_allclose(float(s), nll.sum(), rtol=2e-4, err_msg=pooling)
+      assert float(aux['accuracy']) == (logits.argmax(1) == np.arange(4)).sum()
 
 
 def test_exact_search_equals_brute_force_and_hnsw_recall(tmp_path):
@@ -141,11 +139,10 @@ def runs(tmp_path_factory):
   c.train.update(batch_size=4, steps=2, log_every=1, eval_every=0, seed=1)
   c.checkpoint.update(every_steps=2, keep=1, async_save=False)
   trainer.train(c, base / 'reader', log=lambda s: None, devices=ONE)
-  out = subprocess.run([sys.executable, str(ROOT / 'scripts/rag.py'), 'index',
-                        f'--workdir={base / "retriever"}', '--docs=embedded',
-                        f'--index={base / "index"}', '--approximate'],
-                       capture_output=True, text=True, check=True)
-  assert json.loads(out.stdout.splitlines()[-1])['documents'] == 200
+  docs = corpus.documents(corpus.towns(200, 'eval'))  # what `rag.py index --docs=embedded` does
+  idx = index.build(embed.Embedder.from_run(base / 'retriever'), docs, 96, 48, approximate=True,
+                    log=lambda s: None)
+  idx.save(base / 'index')
   return base / 'retriever', base / 'reader', base / 'index'
 
 

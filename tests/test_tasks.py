@@ -52,6 +52,9 @@ class AnchoredLM(tasks.CausalLM):
     return {**super().eval_metrics(stats), 'eval/kl': stats['kl_sum'] / stats['weight']}
 
 
+ONE = jax.devices()[:1]  # one device: these test tasks and resume, not sharding
+
+
 def config(data_dir, **train):
   c = base_config()
   c.task.name = AnchoredLM.name
@@ -71,10 +74,11 @@ def losses(workdir):
 
 def test_task_with_extra_state_trains_checkpoints_and_resumes_bitwise(data_dir, tmp_path):
   HOOK_CALLS.clear()
-  out = trainer.train(config(data_dir), tmp_path / 'once', log=lambda s: None)
+  out = trainer.train(config(data_dir), tmp_path / 'once', log=lambda s: None, devices=ONE)
   assert HOOK_CALLS, 'the task\'s batch transform never reached the pipeline'
-  trainer.train(config(data_dir, steps=6), tmp_path / 'twice', log=lambda s: None)
-  trainer.train(config(data_dir), tmp_path / 'twice', log=lambda s: None)  # resumes at 6
+  trainer.train(config(data_dir, steps=6), tmp_path / 'twice', log=lambda s: None, devices=ONE)
+  # resumes at 6
+  trainer.train(config(data_dir), tmp_path / 'twice', log=lambda s: None, devices=ONE)
   once, twice = losses(tmp_path / 'once'), losses(tmp_path / 'twice')
   assert sorted(once) == list(range(1, 13)) and once == twice  # bitwise, KL included
   assert abs(once[1][1]) < 1e-6 < once[12][1]  # the policy moves away from its anchor
@@ -127,21 +131,21 @@ def test_runtime_fields_may_change_on_resume(data_dir, tmp_path):
   one workdir; the architecture may not."""
   c = config(data_dir, steps=6, eval_every=0)
   c.task.name = 'causal_lm'
-  trainer.train(c, tmp_path / 'run', log=lambda s: None)
+  trainer.train(c, tmp_path / 'run', log=lambda s: None, devices=ONE)
   ref = config(data_dir, steps=8, eval_every=0)
   ref.task.name = 'causal_lm'
-  trainer.train(ref, tmp_path / 'ref', log=lambda s: None)
+  trainer.train(ref, tmp_path / 'ref', log=lambda s: None, devices=ONE)
   c8 = config(data_dir, steps=8, eval_every=0)
   c8.task.name = 'causal_lm'
   c8.runtime.update(remat='full', scan_layers=True, attention='xla')
-  out = trainer.train(c8, tmp_path / 'run', log=lambda s: None)
+  out = trainer.train(c8, tmp_path / 'run', log=lambda s: None, devices=ONE)
   assert 'layers' in out['state']['params'] and out['step'] == 8
   got, want = losses(tmp_path / 'run'), losses(tmp_path / 'ref')
   np.testing.assert_allclose([got[s][0] for s in (7, 8)], [want[s][0] for s in (7, 8)],
                              rtol=1e-4)
   c8.model.d_model = 64
   with pytest.raises(ValueError, match='model differs'):
-    trainer.train(c8, tmp_path / 'run', log=lambda s: None)
+    trainer.train(c8, tmp_path / 'run', log=lambda s: None, devices=ONE)
 
 
 def test_model_runtime_keys_point_to_the_runtime_section():
