@@ -120,7 +120,7 @@ def split_records(config, train: bool) -> list[Record]:
   if not config.data.path:
     t, which = config.task, config.task.get('finetune_set', 'tasks')
     if which == 'rag':  # the reading set of lm/rag/corpus.py
-      from lm.rag import corpus  # lazy: corpus reaches the index (jax)
+      from lm.rag import corpus  # lazy: only this set needs it
       pair = corpus.reader_sets(t.finetune_examples, t.finetune_eval)
     elif which == 'tasks':
       pair = finetune_sets.make(t.finetune_examples, t.finetune_eval)

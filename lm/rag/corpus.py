@@ -35,6 +35,8 @@ import pathlib
 
 import numpy as np
 
+from lm.rag import index, pipeline
+
 ONSETS = ('b', 'br', 'd', 'dr', 'f', 'g', 'gr', 'h', 'k', 'kr', 'l', 'm', 'n', 'p', 'r',
           's', 'st', 't', 'tr', 'v', 'z')
 VOWELS = ('a', 'e', 'i', 'o', 'u', 'ai', 'ea', 'ou')
@@ -118,7 +120,6 @@ def questions(town_list: list[Town]) -> list[dict]:
 
 def byte_chunks(text: str, size: int = CHUNK_TOKENS, overlap: int = OVERLAP) -> list[str]:
   """The chunks lm/rag/index.chunk makes with the bytes tokenizer (ASCII text)."""
-  from lm.rag import index  # lazy: index imports jax
   return [text[a:b].strip() for a, b in index.windows(len(text), size, overlap)]
 
 
@@ -142,7 +143,6 @@ def retriever_pairs(town_list: list[Town]) -> list[dict]:
 def reader_records(town_list: list[Town], k: int = 1, seed: int = 0) -> list[dict]:
   """Chat records: the prompt with the gold chunk and k - 1 distractor chunks (of the same
   town or another, in a random order), the fact's answer."""
-  from lm.rag import pipeline  # lazy: pipeline imports jax
   rng = np.random.default_rng([seed, 99])
   out = []
   for i, t in enumerate(town_list):
