@@ -161,13 +161,18 @@ def reader_records(town_list: list[Town], k: int = 1, seed: int = 0) -> list[dic
   return out
 
 
-def reader_sets(num_train: int, num_eval: int, k: int = 1) -> tuple[list[dict], list[dict]]:
-  """(train, eval) reader records (k passages each) for the sft task: num_train / num_eval
-  records (four per town) from train towns; eval's towns come first, never trained on."""
+def held_out_towns(num_train: int, num_eval: int) -> tuple[list[Town], list[Town]]:
+  """(training, held-out) towns of split 'train' for num_train / num_eval records of four
+  per town; the held-out towns come first, so they do not change with num_train."""
   town_list = towns((num_train + num_eval + 3) // 4, 'train')
   e = (num_eval + 3) // 4
-  return (reader_records(town_list[e:], k)[:num_train],
-          reader_records(town_list[:e], k)[:num_eval])
+  return town_list[e:], town_list[:e]
+
+
+def reader_sets(num_train: int, num_eval: int, k: int = 1) -> tuple[list[dict], list[dict]]:
+  """(train, eval) reader records (k passages each) for the sft task, of held_out_towns."""
+  train, held_out = held_out_towns(num_train, num_eval)
+  return reader_records(train, k)[:num_train], reader_records(held_out, k)[:num_eval]
 
 
 def write(out_dir, num_towns: int = 200) -> None:

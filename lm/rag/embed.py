@@ -162,9 +162,8 @@ def split_pairs(config, train: bool) -> list[tuple[str, str]]:
   if not config.data.path:
     from lm.rag import corpus  # lazy
     t = config.task
-    town_list = corpus.towns((t.finetune_examples + t.finetune_eval + 3) // 4, 'train')
-    k = (t.finetune_eval + 3) // 4  # the held-out towns come first, as the reader's
-    pairs = corpus.retriever_pairs(town_list[k:] if train else town_list[:k])
+    town_list = corpus.held_out_towns(t.finetune_examples, t.finetune_eval)[0 if train else 1]
+    pairs = corpus.retriever_pairs(town_list)
     pairs = pairs[:t.finetune_examples] if train else pairs[:t.finetune_eval]
     return [(p['query'], p['passage']) for p in pairs]
   if config.data.eval_path:
