@@ -80,7 +80,11 @@ def test_infonce_loss_by_hand():
   batch = embed.PairTexts(q, ql, p, pl, tok.pad_id).batch([0, 1, 2, 3, 4])  # row 4: padding
   for c, poolings in ((encoder_config(vocab_size=259), ('mean', 'cls')), (dec, ('last',))):
     model = build_model(c)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+    # Any weights do: random ones of the model's shapes (compiling model.init takes ~8 s).
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s, r=rng: r.normal(0, 0.2, s.shape).astype(s.dtype),
+                          jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                         jnp.zeros((1, 8), jnp.int32))['params'])
     hidden = jax.jit(lambda x, m=model, v=params: m.apply({'params': v}, x, head='hidden'))
     for pooling in poolings:
       c.task.pooling, c.task.embed_temperature = pooling, 0.1
