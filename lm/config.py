@@ -143,7 +143,7 @@ def base_config(family: str = 'decoder') -> mlc.ConfigDict:
       # sigmoid = TRL's GRPO loss, or dr_grpo);
       # reference step (in the step: with LoRA/QLoRA the base, lora_b = 0; else a frozen
       # copy of the initial params) | precomputed (once, from init_from's weights);
-      # rpo_alpha > 0: + alpha * the chosen response's NLL per token (RPO)
+      # rpo_alpha > 0: + alpha * the chosen response's NLL per token (dpo: RPO; reward: GRM)
       beta=0.1,
       label_smoothing=0.0,
       loss_type="sigmoid",

@@ -134,6 +134,18 @@ def test_reward_loss_is_bradley_terry(tiny):
   assert float(w) == 4 and len(set(np.sign(margin))) == 2, margin  # some right, some wrong
   assert float(s) == pytest.approx(sum(-logsig(float(m)) for m in margin), rel=1e-5)
   assert float(aux['accuracy']) == np.sum(margin > 0)
+  # rpo_alpha: + alpha * the chosen response's NLL per token (GRM), from a plain LM pass.
+  c.task.rpo_alpha = 0.5
+  s2 = jax.jit(lambda p, b: tasks.get_task(c).loss(model, p, {}, b, None, True)[0])(params,
+                                                                                   batch)
+  logits = model.apply({'params': params}, batch['inputs'][:, 0],
+                       positions_BT=batch['positions'][:, 0],
+                       segment_ids_BT=batch['segment_ids'][:, 0])
+  lp = np.asarray(jax.nn.log_softmax(logits))
+  t, wt = batch['targets'][:, 0], batch['weights'][:, 0]
+  nll = [-np.sum(np.take_along_axis(lp[i], t[i][:, None], -1)[:, 0] * wt[i]) / wt[i].sum()
+         for i in range(4)]
+  assert float(s2) == pytest.approx(float(s) + 0.5 * sum(nll), rel=1e-5)
   with pytest.raises(ValueError, match='num_labels=1'):
     tasks.get_task(config(name='reward'))
 

@@ -127,7 +127,8 @@ class Decoder(nn.Module):
       [B, num_labels] of the 'classifier' on the last non-pad token (segment id > 0) of
       each row (needs model.num_labels > 0; created at init only then), or
       'token_classify': the same classifier on every token, [B, T, num_labels] (a
-      value head per position for PPO, lm/train/rl.py).
+      value head per position for PPO, lm/train/rl.py); 'lm_classify': (logits,
+      classify's) from one pass (a reward model with a language-model loss beside).
     prime: prompt tuning at decode time: runs the soft prompt alone into the fresh cache
       (lm/infer/sampling.py does, before the prefill); tokens_BT gives the batch size.
 
@@ -136,10 +137,10 @@ class Decoder(nn.Module):
     positions shift by P); prefix tuning gives each layer's attention P learned keys and
     values before the row's. Logits are the tokens' alone.
     """
-    if head not in ('lm', 'hidden', 'classify', 'token_classify'):
-      raise ValueError(f'Unknown decoder head {head!r}; choose lm, hidden, classify or '
-                       'token_classify.')
-    if head in ('classify', 'token_classify') and not self.cfg.num_labels:
+    if head not in ('lm', 'hidden', 'classify', 'token_classify', 'lm_classify'):
+      raise ValueError(f'Unknown decoder head {head!r}; choose lm, hidden, classify, '
+                       'token_classify or lm_classify.')
+    if head in ('classify', 'token_classify', 'lm_classify') and not self.cfg.num_labels:
       raise ValueError(f'head={head!r} needs model.num_labels > 0; this model has no '
                        'classifier.')
     cfg = self.cfg
@@ -210,7 +211,9 @@ class Decoder(nn.Module):
 
     x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, cfg.param_dtype_,
                  cfg.kernels, name='final_norm')(x_BTD)
-    if cfg.num_labels and (head in ('classify', 'token_classify') or self.is_initializing()):
+    label_logits_BL = None
+    if cfg.num_labels and (head in ('classify', 'token_classify', 'lm_classify')
+                           or self.is_initializing()):
       classifier = Linear((cfg.num_labels,), ('embed', None), 1, True, cfg.init_std,
                           cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
                           name='classifier')
@@ -233,4 +236,5 @@ class Decoder(nn.Module):
       logits_BTV = Linear((cfg.vocab_size,), ('embed', 'vocab'), 1, False, cfg.init_std,
                           cfg.compute_dtype, cfg.param_dtype_, kernels=cfg.kernels,
                           name='lm_head')(x_BTD).astype(jnp.float32)
-    return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
+    logits_BTV = constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
+    return (logits_BTV, label_logits_BL) if head == 'lm_classify' else logits_BTV

@@ -31,7 +31,10 @@ The reference (task.reference):
 
 Task reward: a reward model, the decoder with model.num_labels=1 and head='classify' (its
 scalar on the last non-pad token: the response's EOS), Bradley-Terry loss
--log sigmoid(r_chosen - r_rejected). Metrics: accuracy (r_chosen > r_rejected), margin;
+-log sigmoid(r_chosen - r_rejected); task.rpo_alpha > 0 adds alpha times the chosen
+response's NLL per token from the same pass (the language-model head beside the scalar:
+GRM's text-generation regulariser, Yang et al. 2024, which keeps the hidden states computing
+the answer the scalar has to check). Metrics: accuracy (r_chosen > r_rejected), margin;
 eval/loss, eval/accuracy (pairwise, held-out pairs), eval/margin. LoRA reward models train
 the new head too (peft.train_also defaults to 'classifier').
 """
@@ -265,22 +268,34 @@ class Reward(_Pairs):
     if config.model.get('num_labels', 0) != 1:
       raise ValueError('task reward needs --config.model.num_labels=1 (one scalar reward on '
                        f'the last token), not {config.model.get("num_labels", 0)}.')
+    self.lm_weight = float(config.task.get('rpo_alpha', 0.0))
 
   def rewards(self, model, params, batch, rng=None, deterministic=True):
-    """(rewards [B, 2], pair weights [B])."""
+    """(rewards [B, 2], pair weights [B], the chosen responses' NLL per token [B] or None)."""
     rows = flat_pairs(batch)
     b = batch['inputs'].shape[0]
-    r_R1 = model.apply({'params': params}, rows['inputs'], positions_BT=rows['positions'],
-                       segment_ids_BT=rows['segment_ids'], deterministic=deterministic,
-                       rngs=None if deterministic or rng is None else {'dropout': rng},
-                       head='classify')
-    return r_R1[:, 0].astype(jnp.float32).reshape(b, 2), pair_weights(
-        jnp.sum(rows['weights'], -1).reshape(b, 2))
+    out = model.apply({'params': params}, rows['inputs'], positions_BT=rows['positions'],
+                      segment_ids_BT=rows['segment_ids'], deterministic=deterministic,
+                      rngs=None if deterministic or rng is None else {'dropout': rng},
+                      head='lm_classify' if self.lm_weight else 'classify')
+    weights_B2T = rows['weights'].astype(jnp.float32).reshape(b, 2, -1)
+    nll_B = None
+    if self.lm_weight:  # GRM: the chosen response's NLL per token, from the same pass
+      logits_RTV, out = out
+      lp_B2T = tasks.token_log_probs(logits_RTV, rows['targets']).reshape(b, 2, -1)
+      w_BT = weights_B2T[:, 0]
+      nll_B = -jnp.sum(jnp.where(w_BT > 0, lp_B2T[:, 0], 0.0) * w_BT, -1) / jnp.maximum(
+          jnp.sum(w_BT, -1), 1.0)
+    return (out[:, 0].astype(jnp.float32).reshape(b, 2),
+            pair_weights(jnp.sum(weights_B2T, -1)), nll_B)
 
   def _stats(self, model, params, batch, rng, deterministic):
-    r_B2, pw_B = self.rewards(model, params, batch, rng, deterministic)
+    r_B2, pw_B, nll_B = self.rewards(model, params, batch, rng, deterministic)
     margin_B = r_B2[:, 0] - r_B2[:, 1]
-    return {'loss_sum': jnp.sum(-jax.nn.log_sigmoid(margin_B) * pw_B), 'weight': jnp.sum(pw_B),
+    losses_B = -jax.nn.log_sigmoid(margin_B)
+    if nll_B is not None:
+      losses_B = losses_B + self.lm_weight * nll_B
+    return {'loss_sum': jnp.sum(losses_B * pw_B), 'weight': jnp.sum(pw_B),
             'correct': jnp.sum((margin_B > 0) * pw_B), 'margin': jnp.sum(margin_B * pw_B)}
 
   def loss(self, model, params, extra, batch, rng, deterministic):
