@@ -178,6 +178,11 @@ def test_lora_reference_is_exactly_the_base(run):
   task = tasks.get_task(rl_config(method='lora', train_also='final_norm|classifier'))
   extra = task.init_extra(full)
   assert sorted(extra['reference_leaves']) == ['final_norm/bias', 'final_norm/scale']
+  # The trainer's init hands boxed (logically partitioned) params: the copy keeps the boxes.
+  boxed = jax.tree.map(lambda x: nn.LogicallyPartitioned(x, (None,) * x.ndim), full)
+  got = task.init_extra(boxed)['reference_leaves']['final_norm/scale']
+  assert isinstance(got, nn.LogicallyPartitioned)
+  np.testing.assert_array_equal(got.value, full['final_norm']['scale'])
   moved = jax.tree.map(lambda x: x, full)
   moved['final_norm'] = {k: v + 1.0 for k, v in full['final_norm'].items()}
   np.testing.assert_array_equal(task.reference_params(moved, extra)['final_norm']['scale'],

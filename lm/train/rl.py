@@ -48,8 +48,9 @@ train/entropy, train/response_length, train/clip_fraction; grpo also train/zero_
 (the share of groups whose rewards are all equal: no signal); ppo also train/value_loss,
 train/value_clip_fraction, train/pg_loss. Eval (held-out prompts, greedy responses):
 eval/reward, eval/exact_match, eval/response_length, eval/loss = -eval/reward (the best
-checkpoint keeps the highest reward), and eval/sampled_reward (one response a prompt sampled
-at task.temperature, as in training, from a fixed key).
+checkpoint keeps the highest reward), and eval/sampled_reward (the mean reward of
+EVAL_SAMPLES = 8 responses a prompt sampled at task.temperature, as in training, from a
+fixed key: the policy's expected reward, which RL maximises).
 
 Task fields: config.task's grpo / ppo section (lm/config.py), documented there.
 """
@@ -66,6 +67,9 @@ import numpy as np
 from lm import peft
 from lm.train import rewards as rewards_lib
 from lm.train import tasks
+
+
+EVAL_SAMPLES = 8  # eval/sampled_reward: responses a held-out prompt
 
 
 def _get(config, name):
@@ -322,7 +326,7 @@ class _RL(tasks.Task):
     head 'classifier' aside: the reference needs their starting values (a small copy)."""
     flat = flax.traverse_util.flatten_dict(params, sep='/')
     also = self.config.peft.train_also
-    return {k: jnp.copy(v) for k, v in flat.items()
+    return {k: jax.tree.map(jnp.copy, v) for k, v in flat.items()  # v may be boxed (init)
             if k.split('/')[-1] not in ('lora_a', 'lora_b') and 'classifier' not in k
             and peft.is_trainable(k, also)}
 
@@ -449,12 +453,13 @@ class _RL(tasks.Task):
     del extra
     ro = self.rollout(model, params, batch, jax.random.PRNGKey(0), 'eval', 0.0, 1)  # greedy
     w = ro['weight']
-    # One response sampled as in training (a fixed key: the same draws each eval).
+    # EVAL_SAMPLES responses a prompt sampled as in training (a fixed key: the same draws
+    # each eval): the policy's expected reward, what RL maximises, with a small error.
     sampled = self.rollout(model, params, batch, jax.random.PRNGKey(1), 'eval',
-                           self.temperature, 1)
+                           self.temperature, EVAL_SAMPLES)
     return {'reward': jnp.sum(ro['reward'] * w), 'exact': jnp.sum(ro['exact'] * w),
             'length': jnp.sum(ro['length'] * w), 'count': jnp.sum(w),
-            'sampled_reward': jnp.sum(sampled['reward'] * w)}
+            'sampled_reward': jnp.sum(sampled['reward'] * sampled['weight']) / EVAL_SAMPLES}
 
   def eval_metrics(self, stats):
     n = max(stats['count'], 1.0)
