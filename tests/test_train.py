@@ -286,9 +286,13 @@ def script_env(devices=1):
   return env
 
 
-def run_script(args, devices=1, **kw):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=script_env(devices),
-                        capture_output=True, text=True, **kw)
+def run_script(args, devices=1, timed_peak=False, **kw):
+  """timed_peak: the script times its peak matmul (conftest fixes LM_PEAK_FLOPS otherwise)."""
+  env = script_env(devices)
+  if timed_peak:
+    env.pop('LM_PEAK_FLOPS', None)
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, **kw)
 
 
 def test_compile_only_reports_memory():
@@ -390,11 +394,20 @@ def test_two_processes_match_one(data_dir, tmp_path):
   np.testing.assert_allclose([one[s] for s in one], [two[s] for s in one], atol=1e-5)
 
 
+def test_lm_peak_flops_overrides_the_timed_peak(monkeypatch):
+  from lm.train import flops
+  monkeypatch.setenv('LM_PEAK_FLOPS', '2.5e12')
+  assert flops.peak_flops_per_sec() == (2.5e12, 'LM_PEAK_FLOPS')
+  monkeypatch.setenv('LM_PEAK_FLOPS', 'fast')
+  with pytest.raises(ValueError, match='LM_PEAK_FLOPS'):
+    flops.peak_flops_per_sec()
+
+
 def test_nanogpt_reference_counts_flops_as_the_benchmark():
   pytest.importorskip('torch')  # the test extras install it
   args = ['--config=configs/tiny_gpt2.py', '--steps=2', '--config.model.vocab_size=64',
           '--config.model.d_model=32', '--config.model.use_bias=False']  # as nanoGPT's default
-  out = run_script(['scripts/benchmark_nanogpt.py', *args])
+  out = run_script(['scripts/benchmark_nanogpt.py', *args], timed_peak=True)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   from lm import models
@@ -411,7 +424,7 @@ def test_benchmark_prints_the_metrics_contract():
   # Two steps a call (train.steps_per_call): --steps rounds up to whole calls.
   out = run_script(['scripts/benchmark.py', '--config=configs/tiny_gpt2.py', '--steps=3',
                     '--warmup=1', '--config.model.vocab_size=64', '--config.model.d_model=32',
-                    '--config.train.steps_per_call=2'])
+                    '--config.train.steps_per_call=2'], timed_peak=True)
   assert out.returncode == 0, out.stderr[-3000:]
   info, result = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
   assert info['steps'] == 4 and info['steps_per_call'] == 2
