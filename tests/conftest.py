@@ -1,8 +1,11 @@
 """Test setup: 8 fake CPU devices so sharding is exercised without accelerators."""
 import os
 
-# Must happen before JAX is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before JAX is imported anywhere. LLVM's -O0 for XLA:CPU: the suite compiles
+# hundreds of tiny programs and runs each a few times, so compiling dominates (-22% on a
+# compile-bound test); scripts the tests start get the same flag (same numerics).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session and the scripts it runs: most tests
 # compile the same small train steps again (resumes, CLIs, two processes), and on 2 cores

@@ -101,7 +101,8 @@ def test_uncosted_ops_are_added_back():
 
 def test_cli_compile_only_topology():
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')  # one CPU device here
+             XLA_FLAGS='--xla_force_host_platform_device_count=1 '
+             '--xla_backend_optimization_level=0')  # one CPU device here
   out = subprocess.run(
       [sys.executable, 'scripts/train.py', '--config=configs/tiny_gpt2.py', '--compile_only',
        '--topology=v5e-4', '--config.model.vocab_size=256'],

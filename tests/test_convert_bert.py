@@ -252,7 +252,7 @@ def test_tokenizer_json_bert_and_roberta(kind, tmp_path):
 
 def test_script_imports(tmp_path):
   """--from_hf in a subprocess; the export is the same code as in-process."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
   run = tmp_path / 'run'
   r = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py',
                       f'--from_hf={hf_dir("bert_cls")}', f'--workdir={run}'],
