@@ -11,26 +11,26 @@ Task grpo (lm/train/rl.py): 16 prompts a step of the embedded set's 4000 trainin
 response equals the reference answer), Dr. GRPO's loss (task.loss_type='dr_grpo': advantages
 r - group mean, token sums / max_new_tokens), no KL term (kl_beta 0: no reference pass).
 LoRA (rank 8) on attention and MLP plus the final norm (peft.train_also), lr 1e-3 constant.
-Eval on the 200 held-out prompts: eval/reward = greedy answers' exact-match rate (eval/loss =
--eval/reward), eval/sampled_reward = one answer a prompt sampled at temperature 1.
+Eval on the 200 held-out prompts: eval/sampled_reward = the mean exact-answer reward of 8
+responses a prompt sampled at temperature 1, as in training (the policy's expected reward,
+what RL maximises); eval/reward = greedy answers' exact-match rate (eval/loss = -eval/reward).
 
-Measured on 2 shared CPU cores (SFT base from configs/finetune_quick.py; before: greedy
-0.385, sampled at temperature 1 0.20):
-NO GAIN, within noise (the held-out estimates' standard errors: about 0.034 greedy, 0.03
-sampled). This config, 80 steps, 4.2 min wall (beside a PPO run): eval/reward (greedy) 0.385
--> 0.375 (step 40) -> 0.360 (step 80); eval/sampled_reward 0.205 -> 0.235 -> 0.215.
-Other tries, 40-60 steps: loss 'grpo', LoRA lr 2e-3, 16x8, no KL: greedy 0.345 / 0.350 /
-0.285 (steps 20/40/60), sampled 0.175 / 0.200 / 0.170; lr 5e-4, kl_beta 0.04, two updates a
-rollout: 0.360 / 0.355 / 0.355, sampled 0.21 / 0.19 / 0.205; lr 1e-3, 32x8: 0.360 / 0.375,
-sampled 0.19 / 0.20; 64x4: 0.330 / 0.330. Full fine-tuning (an earlier helper, lr 3e-5 ..
-1e-4, temperature 0.7-1): 0.19-0.365. The machinery is sound: with a dense reward
-(response length / 30, a registered test reward) the same setup takes train/reward 0.32 ->
-1.0 in 20 steps and eval/reward to 1.0; on a fixed set of 16 training prompts the exact
-reward rises 0.30 -> 0.46 in 30 steps (entropy 0.62 -> 0.50). What does not come in a few
-CPU minutes is transfer to new prompts: per kind the SFT model's greedy / sampled (T=1) /
-pass@8 are add 0.04 / 0.02 / 0.14, field 0.60 / 0.41 / 0.62, reverse 0.32 / 0.15 / 0.46,
-sort 0.58 / 0.23 / 0.60: little above greedy to find by sampling, and 40-75% of groups all
-equal (no signal).
+Expected (2 CPU cores, ~8 min alone by step rate; measured 35 min beside four other jobs),
+from configs/finetune_quick.py's full SFT (greedy 0.385, sampled 0.212 at step 0, measured
+with --config.optimizer.lr=0): eval/sampled_reward 0.229, 0.246, 0.246 at steps 50, 100,
+150; greedy 0.36, 0.35, 0.40 (within noise: standard error about 0.034). Checked apart
+(python scripts/exact_match.py --workdir=runs/grpo --samples=16 --against=runs/sft: 16
+samples a held-out prompt, the same seeds for both): sampled 0.194 -> 0.243, +0.049 +- 0.008
+(paired standard error over prompts); greedy +0.015 +- 0.019. The gain is sharpening: the
+SFT model's samples at temperature 1 are right half as often as its greedy answers, and GRPO
+moves them towards those; it does not find answers greedy decoding misses (per kind, the SFT
+model's greedy / sampled / pass@8: add 0.04 / 0.02 / 0.14, field 0.60 / 0.41 / 0.62, reverse
+0.32 / 0.15 / 0.46, sort 0.58 / 0.23 / 0.60; 40-75% of groups score all equal).
+Other tries: two updates a rollout (task.updates_per_batch=2) 0.228 / 0.236 at 50 / 100
+steps, greedy 0.35 / 0.315; with one sample a prompt in eval (standard error ~0.03): 80
+steps 0.205 -> 0.215; loss 'grpo', lr 2e-3: greedy down to 0.285; lr 5e-4 with kl_beta 0.04:
+flat; full fine-tuning (lr 3e-5 .. 1e-4): greedy 0.19-0.365. With a dense reward (response
+length / 30) the same setup takes train/reward 0.32 -> 1.0 in 20 steps.
 """
 from lm.config import base_config
 
@@ -42,7 +42,7 @@ def get_config():
   c.task.loss_type = 'dr_grpo'  # grpo: 'grpo' (TRL's default) or 'dr_grpo'
   c.data.tokenizer = 'bytes'
   c.peft.update(method='lora', rank=8, train_also='final_norm')
-  c.train.update(steps=80, batch_size=16, log_every=10, eval_every=40, eval_steps=0)
+  c.train.update(steps=150, batch_size=16, log_every=10, eval_every=50, eval_steps=0)
   c.optimizer.update(lr=1e-3, min_lr=1e-3, warmup_steps=2, schedule='constant', b2=0.99,
                      weight_decay=0.0)
   c.checkpoint.update(every_steps=1000, keep=1)

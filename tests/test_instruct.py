@@ -221,6 +221,14 @@ def test_sft_exact_match_is_greedy_generations(run):
   assert 0 < acc < 1, results  # some memorised, some not: the comparison means something
   assert run['metrics']['eval/exact_match'] == pytest.approx(acc)
   assert [r['expected'] for r in results] == [r['completion'] for r in ev]
+  # Sampled answers (scripts/exact_match.py --samples): near-zero temperature is greedy; a hot
+  # one is not, and its seed matters.
+  cold = exact_match.exact_match(model, params, TOK, ev, temperature=1e-4, seed=3)[1]
+  assert [r['generated'] for r in cold] == [r['generated'] for r in results]
+  hot = [[r['generated'] for r in exact_match.exact_match(model, params, TOK, ev,
+                                                          temperature=5.0, seed=k)[1]]
+         for k in (0, 1)]
+  assert hot[0] != hot[1] and hot[0] != [r['generated'] for r in results]
   # Per example: all trained tokens argmax-right under teacher forcing <=> generation right.
   c = run['c']
   examples = instruct.load_examples(c, TOK, False)

@@ -16,9 +16,11 @@ from lm.infer import sampling
 
 
 def exact_match(model, params, tokenizer, examples, template=None, *, extra_tokens: int = 4,
-                batch_size: int = 256) -> tuple[float, list[dict]]:
+                batch_size: int = 256, temperature: float = 0.0,
+                seed: int = 0) -> tuple[float, list[dict]]:
   """(accuracy, per example {prompt, expected, generated, correct}). template: a
-  ChatTemplate for messages records (None: instruct's default)."""
+  ChatTemplate for messages records (None: instruct's default). temperature > 0: one
+  sampled answer a prompt (from `seed`) instead of the greedy one."""
   records = [r if isinstance(r, instruct.Record) else instruct.parse_record(r, f'example {i}')
              for i, r in enumerate(examples)]
   pairs = [instruct.prompt_and_target(r, tokenizer, template) for r in records]
@@ -28,7 +30,8 @@ def exact_match(model, params, tokenizer, examples, template=None, *, extra_toke
   for i in range(0, len(pairs), batch_size):
     chunk = pairs[i:i + batch_size]
     outs = sampling.generate(model, params, [p for p, _ in chunk], max_new_tokens=max_new,
-                             temperature=0.0, eos_id=eos, pad_id=tokenizer.pad_id or 0)
+                             temperature=temperature, seed=seed + i, eos_id=eos,
+                             pad_id=tokenizer.pad_id or 0)
     for (prompt, target), out in zip(chunk, outs):
       expected, generated = tokenizer.decode(target), tokenizer.decode(out)
       results.append(dict(prompt=tokenizer.decode(prompt), expected=expected,
