@@ -15,10 +15,10 @@ Eval on the 200 held-out prompts: eval/sampled_reward = the mean exact-answer re
 responses a prompt sampled at temperature 1, as in training (the policy's expected reward,
 what RL maximises); eval/reward = greedy answers' exact-match rate (eval/loss = -eval/reward).
 
-Expected (2 CPU cores, ~8 min alone by step rate; measured 35 min beside four other jobs),
-from configs/finetune_quick.py's full SFT (greedy 0.385, sampled 0.212 at step 0, measured
-with --config.optimizer.lr=0): eval/sampled_reward 0.229, 0.246, 0.246 at steps 50, 100,
-150; greedy 0.36, 0.35, 0.40 (within noise: standard error about 0.034). Checked apart
+Expected (2 CPU cores: 7 min 31 s wall alone, peak RSS 1.9 GB; a second run gave the same
+figures), from configs/finetune_quick.py's full SFT (greedy 0.385, sampled 0.212 at step 0,
+measured with --config.optimizer.lr=0): eval/sampled_reward 0.229, 0.246, 0.246 at steps 50,
+100, 150; greedy 0.36, 0.35, 0.40 (within noise: standard error about 0.034). Checked apart
 (python scripts/exact_match.py --workdir=runs/grpo --samples=16 --against=runs/sft: 16
 samples a held-out prompt, the same seeds for both): sampled 0.194 -> 0.243, +0.049 +- 0.008
 (paired standard error over prompts); greedy +0.015 +- 0.019. The gain is sharpening: the
