@@ -4,8 +4,8 @@ import os
 # Must happen before JAX is imported anywhere. LLVM's -O0 for XLA:CPU: the suite compiles
 # hundreds of tiny programs and runs each a few times, so compiling dominates (-22% on a
 # compile-bound test); scripts the tests start get the same flag (same numerics).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAG}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session and the scripts it runs: most tests
 # compile the same small train steps again (resumes, CLIs, two processes), and on 2 cores
@@ -27,6 +27,16 @@ os.environ.setdefault("LM_PEAK_FLOPS", "1e12")
 import pathlib
 
 import pytest
+
+
+def subprocess_env(devices=1, **extra) -> dict:
+  """The environment for a script a test starts: CPU, `devices` fake devices, the suite's
+  XLA flags, the project on the path."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(pathlib.Path(__file__).parents[1]),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}")
+  env.update(extra)
+  return env
+
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

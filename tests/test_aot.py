@@ -3,7 +3,6 @@
 Every figure checked here is the TPU compiler's estimate; no TPU is needed, only libtpu.
 """
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 pytest.importorskip('libtpu', reason='needs libtpu (pip install -e ".[tpu]")')
 
 from lm.config import base_config, gpt2_model, llama_model  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 from lm.train import aot  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -100,9 +100,7 @@ def test_uncosted_ops_are_added_back():
 
 
 def test_cli_compile_only_topology():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
-             XLA_FLAGS='--xla_force_host_platform_device_count=1 '
-             '--xla_backend_optimization_level=0')  # one CPU device here
+  env = subprocess_env(devices=1)  # one CPU device here
   out = subprocess.run(
       [sys.executable, 'scripts/train.py', '--config=configs/tiny_gpt2.py', '--compile_only',
        '--topology=v5e-4', '--config.model.vocab_size=256'],

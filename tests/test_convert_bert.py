@@ -4,7 +4,6 @@ Every model here is random and tiny, built offline from a transformers config.
 """
 import functools
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ torch = pytest.importorskip('torch')
 pytest.importorskip('tokenizers')
 
 from lm.convert import hf, hf_tokenizers  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 from lm.convert import safetensors_io as st  # noqa: E402
 from lm.infer.load import load_run  # noqa: E402
 from lm.models import get_model  # noqa: E402
@@ -252,7 +252,7 @@ def test_tokenizer_json_bert_and_roberta(kind, tmp_path):
 
 def test_script_imports(tmp_path):
   """--from_hf in a subprocess; the export is the same code as in-process."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
+  env = subprocess_env()
   run = tmp_path / 'run'
   r = subprocess.run([sys.executable, 'scripts/convert_checkpoint.py',
                       f'--from_hf={hf_dir("bert_cls")}', f'--workdir={run}'],

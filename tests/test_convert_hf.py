@@ -21,6 +21,7 @@ torch = pytest.importorskip('torch')
 pytest.importorskip('tokenizers')
 
 from lm.convert import hf, hf_tokenizers  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 from lm.convert import safetensors_io as st  # noqa: E402
 from lm.eval import scoring  # noqa: E402
 from lm.infer.load import load_run  # noqa: E402
@@ -319,7 +320,7 @@ def test_export_from_a_training_checkpoint(tmp_path):
 # -- The scripts ---------------------------------------------------------------------------------
 
 def run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
+  env = subprocess_env()
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
 

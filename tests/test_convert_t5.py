@@ -125,10 +125,6 @@ def hf_logits(directory, enc, dec, mask=None):
         attention_mask=None if mask is None else torch.tensor(mask)).logits.numpy()
 
 
-def jit(fn):  # XLA's backend optimisations off: compiles take a third of the time
-  return jax.jit(fn, compiler_options={'xla_backend_optimization_level': 0})
-
-
 def lm_params(directory, scan_layers=False):
   m, lazy_params, _ = hf.import_hf(directory, scan_layers)
   return m, jax.tree.map(lambda leaf: jnp.asarray(leaf()), lazy_params)
@@ -155,7 +151,7 @@ def test_logits_match_transformers(name):
   assert m['tie_embeddings'] == CASES[name].get('tie_word_embeddings', True)
   model = get_model(hf.model_config(m))
   enc, mask, dec = batch()
-  got = jit(model.apply)({'params': params}, enc, dec, mask)
+  got = jax.jit(model.apply)({'params': params}, enc, dec, mask)
   want = hf_logits(d, enc, dec, mask)
   diff = np.abs(np.asarray(got) - want).max()
   assert diff <= 1e-4, f'{name}: logits differ by {diff}'
@@ -188,7 +184,7 @@ def test_round_trip_scanned_and_transformers_loads_the_export(tmp_path):
   n = t5_vocab_size()
   assert tokenizer.vocab_size == n and tokenizer.symbol_id('<extra_id_0>') == n - 1
   enc, mask, dec = batch(1)
-  got = jit(model.apply)({'params': params}, enc, dec, mask)
+  got = jax.jit(model.apply)({'params': params}, enc, dec, mask)
   assert np.abs(np.asarray(got) - hf_logits(d, enc, dec, mask)).max() <= 1e-4
 
   out = tmp_path / 'hf'

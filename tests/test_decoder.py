@@ -184,7 +184,6 @@ def test_cpu_kernels_match_xla_in_the_model(style, monkeypatch):
   without the residual add before them, the dense layers with GELU, and GELU's backward
   alone as past L2) against XLA: packed segments, dropout, LayerNorm and RMSNorm, GELU and
   SwiGLU, gradients."""
-  from lm.models import layers  # pylint: disable=import-outside-toplevel
   from lm.ops import (  # pylint: disable=import-outside-toplevel
       cpu_attention, cpu_kernels, cpu_linear, norms)
   assert cpu_kernels.available(), cpu_kernels.unavailable_reason()

@@ -45,16 +45,10 @@ def model_and_params(**overrides):
   return model, random_params(model)
 
 
-# XLA's backend optimisations off: compiles take a third of the time, and shapes this small
-# run in microseconds either way.
-FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-
 @functools.lru_cache(maxsize=None)
 def jitted(model, method='__call__'):
   return jax.jit(functools.partial(model.apply, method=method),
-                 static_argnames=('deterministic', 'decode', 'mutable'),
-                 compiler_options=FAST_COMPILE)
+                 static_argnames=('deterministic', 'decode', 'mutable'))
 
 
 def ids(shape, seed):
@@ -138,7 +132,7 @@ def test_training_with_dropout_and_remat():
   def loss(p, rng):
     logits = model.apply({'params': p}, enc, dec, deterministic=False, rngs={'dropout': rng})
     return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
-  grad_fn = jax.jit(jax.grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
+  grad_fn = jax.jit(jax.grad(loss, has_aux=True))
   grads, logits = grad_fn(params, jax.random.key(1))
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   for stack in ('encoder', 'decoder'):

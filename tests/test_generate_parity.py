@@ -5,7 +5,6 @@ One compile per model and decoding kind: eos_id, length_penalty and early_stoppi
 traced, so every setting of a kind shares it.
 """
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,6 +17,7 @@ transformers = pytest.importorskip('transformers')
 torch = pytest.importorskip('torch')
 
 from lm.convert import hf  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 from lm.infer import sampling  # noqa: E402
 from lm.infer.load import load_run  # noqa: E402
 
@@ -34,7 +34,7 @@ BEAM_CASES = [(1.0, False, None), (1.0, False, (0, 2)), (2.0, True, (1, 4)),
 
 
 def run_script(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
+  env = subprocess_env()
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
 

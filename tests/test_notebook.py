@@ -3,6 +3,7 @@ import pathlib
 import re
 
 import pytest
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -13,8 +14,7 @@ def _run(name, data_dir, monkeypatch) -> list[dict]:
   nbclient = pytest.importorskip('nbclient')
   monkeypatch.setenv('LM_NOTEBOOK_TINY', '1')
   monkeypatch.setenv('LM_NOTEBOOK_DATA_DIR', str(data_dir))
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1 '
-                     '--xla_backend_optimization_level=0')
+  monkeypatch.setenv('XLA_FLAGS', subprocess_env(devices=1)['XLA_FLAGS'])
   nb = nbformat.read(ROOT / 'notebooks' / name, as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': str(ROOT)}}).execute()

@@ -1,16 +1,14 @@
 """Magnitude pruning (lm/compress/prune.py): masks and schedule by hand, pruning in training
 kept through AdamW and resume, one-shot pruning of a run."""
-import json
-
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
 
 from lm.compress import prune
 from lm.config import base_config
+from lm.train import checkpoint as ckpt_lib
 from lm.train import trainer
 
 ONE = jax.devices()[:1]  # one device: cheaper compiles than the 8-way mesh
@@ -114,3 +112,12 @@ def test_one_shot_prune_run(tmp_path):
   assert all(v == 0.5 for v in report.values()), report
   with pytest.raises(ValueError, match='not empty'):
     prune.prune_run(run, tmp_path / 'pruned')
+  # A soft prompt is no weight, and a quantized run has no float weights: both refused.
+  for field, value, match in [('peft.method', 'prefix', 'prefix-tuning run'),
+                              ('quant.method', 'int8', 'quantized already')]:
+    c = base_config()
+    c.update_from_flattened_dict({field: value})
+    ckpt_lib.write_run_files(tmp_path / field, c, None)
+    with pytest.raises(ValueError, match=match):
+      prune.prune_run(tmp_path / field, tmp_path / 'never')
+    assert not (tmp_path / 'never').exists()

@@ -3,7 +3,6 @@ resumes bitwise; data hooks reach the pipeline; runtime fields may change on res
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lm.config import base_config

@@ -3,7 +3,6 @@ import dataclasses
 import gc
 import importlib.util
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -21,6 +20,7 @@ from lm.infer.load import load_run
 from lm.train import checkpoint as ckpt_lib
 from lm.train import metrics as metrics_lib
 from lm.train import trainer
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -278,18 +278,9 @@ def test_unknown_config_key_is_rejected_with_neighbours():
     check_keys(bad)
 
 
-def script_env(devices=1):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
-                      '--xla_backend_optimization_level=0')  # as conftest's
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = str(ROOT)
-  return env
-
-
 def run_script(args, devices=1, timed_peak=False, **kw):
   """timed_peak: the script times its peak matmul (conftest fixes LM_PEAK_FLOPS otherwise)."""
-  env = script_env(devices)
+  env = subprocess_env(devices)
   if timed_peak:
     env.pop('LM_PEAK_FLOPS', None)
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
@@ -332,7 +323,7 @@ def train_cmd(data_dir, workdir, steps, every=2):
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
   work = tmp_path / 'w'
   proc = subprocess.Popen([sys.executable, *train_cmd(data_dir, work, 100000, every=100000)],
-                          cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                          cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   assert wait_for(lambda: (work / 'metrics.jsonl').exists() and
                   len((work / 'metrics.jsonl').read_text().splitlines()) > 3)
@@ -347,7 +338,7 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
 def test_kill_9_during_saves_never_leaves_a_half_checkpoint(data_dir, tmp_path):
   work = tmp_path / 'w'
   proc = subprocess.Popen([sys.executable, *train_cmd(data_dir, work, 100000, every=1)],
-                          cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
+                          cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   assert wait_for(lambda: (work / 'metrics.jsonl').exists() and
                   len((work / 'metrics.jsonl').read_text().splitlines()) > 6)
@@ -385,7 +376,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, *common, f'--workdir={tmp_path}/two',
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=ROOT, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=300)
@@ -408,7 +399,7 @@ def test_nanogpt_reference_counts_flops_as_the_benchmark():
   pytest.importorskip('torch')  # the test extras install it
   args = ['--config=configs/tiny_gpt2.py', '--steps=2', '--config.model.vocab_size=64',
           '--config.model.d_model=32', '--config.model.use_bias=False']  # as nanoGPT's default
-  out = run_script(['scripts/benchmark_nanogpt.py', *args], timed_peak=True)
+  out = run_script(['scripts/benchmark_nanogpt.py', *args])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   from lm import models

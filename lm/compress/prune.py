@@ -184,23 +184,15 @@ def prune_run(workdir, out, *, sparsity: float = 0.5, pattern: str = 'unstructur
               step: int | None = None) -> dict:
   """One-shot magnitude pruning of the run in `workdir` (LoRA merged) into a new run `out`
   (float params with zeros). Returns the sparsity per kernel."""
-  import pathlib
   import ml_collections as mlc
   from lm.infer.load import load_run
   from lm.train import checkpoint
-  out = pathlib.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise ValueError(f'--out={out} exists and is not empty; give a new directory.')
   pc = mlc.ConfigDict(dict(method='magnitude', sparsity=sparsity, pattern=pattern, scope=scope,
                            schedule='oneshot', begin_step=0, end_step=0, update_every=1,
                            targets=targets))
   check(pc)
-  config = checkpoint.read_config(workdir)
-  if config.get('quant') and config.quant.method != 'none':
-    raise ValueError(f'{workdir} is quantized; prune the float run it came from.')
-  _, params, config, tokenizer = load_run(workdir, step=step)
+  new = checkpoint.derived_run_config(workdir, out, 'prune')
+  _, params, _, tokenizer = load_run(workdir, step=step)
   pruned = prune_params(params, pc)
-  new = config.copy_and_resolve_references()
-  new.peft.method, new.init_from = 'none', ''
   checkpoint.save_inference_run(out, pruned, new, tokenizer)
   return sparsity_report(pruned, targets)

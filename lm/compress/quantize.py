@@ -211,17 +211,7 @@ def quantize_run(workdir, out, method: str, *, group_size: int = 128, asymmetric
   from lm.infer.load import build_model, load_run
   from lm.train import checkpoint
   out = pathlib.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise ValueError(f'--out={out} exists and is not empty; give a new directory.')
-  config = checkpoint.read_config(workdir)
-  if config.quant.method != 'none':
-    raise ValueError(f'{workdir} is quantized already ({config.quant.method}); quantize the '
-                     'float run it came from.')
-  if config.peft.method in ('prompt', 'prefix'):
-    raise ValueError(f'{workdir} is a {config.peft.method}-tuning run: its soft prompt cannot '
-                     f'be merged into the weights; quantize its base ({config.init_from}).')
-  new = config.copy_and_resolve_references()
-  new.peft.method, new.init_from = 'none', ''
+  new = checkpoint.derived_run_config(workdir, out, 'quantize')
   new.quant.update(method=method, group_size=group_size, asymmetric=asymmetric,
                    targets=targets, activations=activations)
   q = from_config(new.quant)

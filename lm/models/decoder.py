@@ -116,7 +116,7 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
                segment_ids_BT: Array | None = None, deterministic: bool = True,
                decode: bool = False, return_hidden: bool = False, head: str = 'lm',
-               prime: bool = False) -> Array:
+               prime: bool = False, lm_rows: slice | None = None) -> Array:
     """Returns float32 logits [B, T, V] (or the final hidden states [B, T, D]).
 
     segment_ids_BT: packed documents (0 = padding); attention never crosses them.
@@ -128,7 +128,9 @@ class Decoder(nn.Module):
       each row (needs model.num_labels > 0; created at init only then), or
       'token_classify': the same classifier on every token, [B, T, num_labels] (a
       value head per position for PPO, lm/train/rl.py); 'lm_classify': (logits,
-      classify's) from one pass (a reward model with a language-model loss beside).
+      classify's) from one pass (a reward model with a language-model loss beside);
+      lm_rows (a slice of the batch) limits its logits to those rows (the chosen answers:
+      the vocabulary projection of the rest would be thrown away).
     prime: prompt tuning at decode time: runs the soft prompt alone into the fresh cache
       (lm/infer/sampling.py does, before the prefill); tokens_BT gives the batch size.
 
@@ -229,6 +231,8 @@ class Decoder(nn.Module):
         return label_logits_BL
     if return_hidden or head == 'hidden':
       return x_BTD
+    if head == 'lm_classify' and lm_rows is not None:
+      x_BTD = x_BTD[lm_rows]
     if cfg.tie_embeddings:
       logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, embed.astype(cfg.compute_dtype),
                               preferred_element_type=jnp.float32)

@@ -277,14 +277,15 @@ class Reward(_Pairs):
     out = model.apply({'params': params}, rows['inputs'], positions_BT=rows['positions'],
                       segment_ids_BT=rows['segment_ids'], deterministic=deterministic,
                       rngs=None if deterministic or rng is None else {'dropout': rng},
-                      head='lm_classify' if self.lm_weight else 'classify')
+                      **(dict(head='lm_classify', lm_rows=slice(0, None, 2))  # chosen rows
+                         if self.lm_weight else dict(head='classify')))
     weights_B2T = rows['weights'].astype(jnp.float32).reshape(b, 2, -1)
     nll_B = None
     if self.lm_weight:  # GRM: the chosen response's NLL per token, from the same pass
-      logits_RTV, out = out
-      lp_B2T = tasks.token_log_probs(logits_RTV, rows['targets']).reshape(b, 2, -1)
+      logits_BTV, out = out  # the chosen rows' alone (rows interleave chosen, rejected)
+      lp_BT = tasks.token_log_probs(logits_BTV, batch['targets'][:, 0])
       w_BT = weights_B2T[:, 0]
-      nll_B = -jnp.sum(jnp.where(w_BT > 0, lp_B2T[:, 0], 0.0) * w_BT, -1) / jnp.maximum(
+      nll_B = -jnp.sum(jnp.where(w_BT > 0, lp_BT, 0.0) * w_BT, -1) / jnp.maximum(
           jnp.sum(w_BT, -1), 1.0)
     return (out[:, 0].astype(jnp.float32).reshape(b, 2),
             pair_weights(jnp.sum(weights_B2T, -1)), nll_B)

@@ -149,6 +149,26 @@ class Checkpointer:
     self.manager.close()
 
 
+def derived_run_config(workdir, out, verb: str) -> mlc.ConfigDict:
+  """The config of a new run `out` made from the float weights of the run in `workdir`
+  (LoRA merged: peft none, no init_from), after refusing what cannot be: a non-empty `out`,
+  a quantized run, a prompt- or prefix-tuned one (its soft prompt is no weight). `verb`
+  names the operation in the errors ('quantize', 'prune')."""
+  out = pathlib.Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise ValueError(f'--out={out} exists and is not empty; give a new directory.')
+  config = read_config(workdir)
+  if config.get('quant') and config.quant.method != 'none':
+    raise ValueError(f'{workdir} is quantized already ({config.quant.method}); {verb} the '
+                     'float run it came from.')
+  if config.peft.method in ('prompt', 'prefix'):
+    raise ValueError(f'{workdir} is a {config.peft.method}-tuning run: its soft prompt cannot '
+                     f'be merged into the weights; {verb} its base ({config.init_from}).')
+  new = config.copy_and_resolve_references()
+  new.peft.method, new.init_from = 'none', ''
+  return new
+
+
 def save_inference_run(workdir, params, config, tokenizer, step: int = 0) -> None:
   """A run directory holding params (no optimizer state): for imported models."""
   write_run_files(workdir, config, tokenizer)
