@@ -32,13 +32,15 @@ def _small_arrays_whole():
   (on 8 CPU devices, 5 s of a tiny model's first checkpoint) that small arrays never repay.
   Orbax's default jax.Array handler otherwise, its metadata store included (it restores
   typed PRNG keys); left as it is where Orbax moved that store."""
-  try:
-    from orbax.checkpoint._src.metadata import array_metadata_store  # (Orbax's own import)
+  try:  # (Orbax's own imports; the public register_type_handler logs a warning)
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    from orbax.checkpoint._src.serialization import type_handler_registry
   except ImportError:
     return
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      array_metadata_store=array_metadata_store.Store(),
-      min_slice_bytes_for_replica_parallel=1 << 20), override=True)
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          array_metadata_store=array_metadata_store.Store(),
+          min_slice_bytes_for_replica_parallel=1 << 20), override=True, ignore_warnings=True)
 
 
 _small_arrays_whole()
