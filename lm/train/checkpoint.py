@@ -29,7 +29,8 @@ TOKENIZER_DIR = 'tokenizer'
 def _small_arrays_whole():
   """Replica-parallel saving (each replica of a replicated array writes a slice of it) only
   for slices of 1 MiB and more: each sliced shape costs a small compile on its first save
-  (on 8 CPU devices, 5 s of a tiny model's first checkpoint) that small arrays never repay.
+  (seconds of a small model's first checkpoint, docs/performance.md) that small arrays
+  never repay.
   Orbax's default jax.Array handler otherwise, its metadata store included (it restores
   typed PRNG keys); left as it is where Orbax moved that store."""
   try:  # (Orbax's own imports; the public register_type_handler logs a warning)
